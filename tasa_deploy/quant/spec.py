@@ -1,0 +1,57 @@
+"""QuantSpec: what grid one weight matrix is quantized onto (validated on construction).
+
+`fmt` names a grid in `tasa_deploy.quant.grids.GRIDS`:
+  - "int": the integer group grid served by vLLM / compressed-tensors (bits 2..8, group 32/64/128 or
+    per-channel = -1, symmetric or asymmetric);
+  - a GGML type name ("q4_0", "q3_k", ...): the block grid llama.cpp stores (bits and group fixed by the type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasa_deploy import UsageError
+
+INT_GROUP_SIZES = (128, 64, 32)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int = 128  # columns (input dim) sharing one scale; -1 = one scale per output row
+    symmetric: bool = True
+    fmt: str = "int"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise UsageError(f"bits must be in 2..8, got {self.bits}")
+        if self.fmt == "int" and self.group_size not in (*INT_GROUP_SIZES, -1):
+            raise UsageError(f"group size must be one of 32/64/128 or -1 (per-channel), got {self.group_size}")
+
+    def groups_for(self, in_features: int) -> int:
+        """Number of scale groups along the input dim; raises if the group does not divide it."""
+        group = in_features if self.group_size == -1 else self.group_size
+        if in_features % group:
+            raise UsageError(
+                f"group size {group} does not divide the input dim {in_features}; "
+                f"use --group-size {default_group_size(in_features)} or 'auto'"
+            )
+        return in_features // group
+
+    def effective_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric, "fmt": self.fmt}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "QuantSpec":
+        return cls(int(obj["bits"]), int(obj["group_size"]), bool(obj["symmetric"]), str(obj.get("fmt", "int")))
+
+
+def default_group_size(in_features: int) -> int:
+    """The largest of 128/64/32 that divides `in_features` (SmolLM2's 576 -> 64)."""
+    for group in INT_GROUP_SIZES:
+        if in_features % group == 0:
+            return group
+    raise UsageError(f"input dim {in_features} is not a multiple of 32; no int group size fits (use -1)")
