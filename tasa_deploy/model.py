@@ -211,3 +211,42 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def load_artifact_model(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A quantized artifact as a runnable fake-quant model (dequantized weights) with its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tasa_deploy.artifacts import load_artifact
+
+    artifact = load_artifact(Path(artifact_dir))
+    config = AutoConfig.from_pretrained(artifact_dir)
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(artifact.dense_state_dict(dtype), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise TasaError(f"{artifact_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(artifact_dir), Path(artifact_dir), str(artifact_dir))
+
+
+def load_any(source: str, backend: str = "torch") -> LoadedModel:
+    """A base model (as load_model) or, when `source` is a quantized artifact dir, the artifact's model.
+    backend="triton" swaps the quantized linears for packed-weight kernels (needs CUDA for speed)."""
+    path = Path(source)
+    if path.is_dir() and (path / "quantized.json").is_file():
+        loaded = load_artifact_model(path)
+        if backend == "triton":
+            from tasa_deploy.artifacts import load_artifact
+            from tasa_deploy.kernels.quant_linear import replace_linears
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = replace_linears(loaded.model.to(device), load_artifact(path), backend="triton" if device == "cuda" else "reference")
+            loaded = LoadedModel(model, loaded.tokenizer, loaded.model_dir, loaded.name)
+        return loaded
+    if backend == "triton":
+        raise UsageError("--backend triton needs a quantized artifact directory (from `tasa-deploy quantize`)")
+    return load_model(source)

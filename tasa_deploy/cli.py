@@ -1,0 +1,303 @@
+"""`tasa-deploy` command line: one typer command per stage. Commands parse, call the library, write the
+artifact and print a rich summary — nothing more. Errors are one line on stderr (exit 2 = usage, 1 = runtime);
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasa_deploy import TasaError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Task-aware mixed-precision quantization (TASA) with GGUF and vLLM export.")
+console = Console(stderr=True)
+out_console = Console()
+STATE = {"debug": False}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    STATE["debug"] = debug
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got '{value}'") from None
+
+
+def _table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    for key in rows[0] if rows else []:
+        table.add_column(str(key))
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ quantize
+@app.command()
+def quantize(
+    out: Annotated[Path, typer.Option("--out", help="Quantized artifact directory to write.")],
+    model: Annotated[str, typer.Option(help="Embedded name (smollm2-135m, gemma3-270m), HF dir, .gguf, or hub id.")] = "smollm2-135m",
+    bits: Annotated[float, typer.Option(help="Average-bit budget (TASA) or the width (uniform).")] = 3.5,
+    method: Annotated[str, typer.Option(help="tasa | uniform")] = "tasa",
+    target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
+    tasks: Annotated[str, typer.Option(help="Task data for calibration/objectives: gsm8k, arc, arc_easy, arc_challenge.")] = "gsm8k,arc",
+    candidates: Annotated[str, typer.Option(help="Candidate widths for the allocator.")] = "3,4,8",
+    beta: Annotated[float, typer.Option(help="MOA weight of the reasoning objectives (1-beta on perplexity).")] = 0.5,
+    group_size: Annotated[Optional[int], typer.Option(help="Int group size (default: largest of 128/64/32 dividing K).")] = None,
+    asym: Annotated[bool, typer.Option("--asym", help="Asymmetric int grid (uniform only; vLLM serves symmetric).")] = False,
+    quantizer: Annotated[str, typer.Option(help="gptq | rtn")] = "gptq",
+    alpha: Annotated[Optional[float], typer.Option(help="Force the general-data share of the calibration mix.")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration rows for GPTQ.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Calibration row length in tokens.")] = 512,
+    seed: Annotated[int, typer.Option()] = 0,
+    act_order: Annotated[bool, typer.Option("--act-order")] = False,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Stage artifacts (default: OUT.work); reruns resume from it.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+) -> None:
+    """Run TASA (mix -> profile -> plan -> GPTQ) or a uniform quantization; write a quantized artifact."""
+    from tasa_deploy.pipeline import QuantizeRequest, run_quantize
+
+    request = QuantizeRequest(model=model, out=out, bits=bits, method=method, target=target, tasks=_csv(tasks),
+                              candidates=_ints(candidates), beta=beta, group_size=group_size, symmetric=not asym,
+                              quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
+                              seed=seed, act_order=act_order, work_dir=work_dir, force=force)
+
+    def on_block(index: int, total: int, resumed: bool) -> None:
+        console.print(f"  block {index + 1}/{total} {'(resumed from checkpoint)' if resumed else 'quantized'}")
+
+    path, summary = run_quantize(request, log=lambda m: console.print(m), on_block=on_block)
+    _print_plan_summary(summary["plan"])
+    out_console.print(_table("stage wall time (s)", [summary["stage_seconds"]]))
+    out_console.print(f"wrote {path}")
+
+
+def _print_plan_summary(plan) -> None:
+    from tasa_deploy.bits import bits_per_weight
+
+    by_layer: dict[str, list[str]] = {}
+    for name, module_plan in plan.modules.items():
+        layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "-"
+        by_layer.setdefault(layer, []).append(f"{name.rsplit('.', 1)[-1]}={module_plan.spec.key}")
+    rows = [{"layer": k, "modules": " ".join(v)} for k, v in by_layer.items()]
+    out_console.print(_table(f"plan ({plan.target}, average {plan.average_bits or 'n/a'} bpw)", rows))
+
+
+# ------------------------------------------------------------------------------------------------ mix / profile / plan
+@app.command()
+def mix(
+    out: Annotated[Path, typer.Option("--out", help="mix.json to write.")] = Path("mix.json"),
+    model: Annotated[str, typer.Option()] = "smollm2-135m",
+    general: Annotated[str, typer.Option(help="General data source.")] = "lambada",
+    tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
+    alphas: Annotated[str, typer.Option(help="Grid of general-data shares.")] = "0,0.25,0.5,0.75,1",
+    samples: Annotated[int, typer.Option()] = 16,
+    seq_len: Annotated[int, typer.Option()] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    force: Annotated[bool, typer.Option("--force")] = False,
+) -> None:
+    """Search the calibration mixture (gradient alignment + Hessian-trace proxy); write mix.json."""
+    from tasa_deploy import mix as mix_stage
+    from tasa_deploy.model import load_model
+    from tasa_deploy.pipeline import QuantizeRequest
+
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists; pass --force to overwrite it")
+    sources = QuantizeRequest(tasks=_csv(tasks)).task_sources
+    try:
+        grid = tuple(float(a) for a in _csv(alphas))
+    except ValueError:
+        raise UsageError(f"--alphas must be numbers, got '{alphas}'") from None
+    loaded = load_model(model)
+    result = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=general, tasks=sources, alphas=grid,
+                                      n_samples=samples, seq_len=seq_len, seed=seed)
+    result.save(out)
+    out_console.print(_table("calibration mixtures (alpha = general share)", mix_stage.mix_table_rows(result)))
+    out_console.print(f"chosen alpha = {result.alpha}; wrote {out}")
+
+
+@app.command()
+def profile(
+    out: Annotated[Path, typer.Option("--out", help="profile.json to write.")] = Path("profile.json"),
+    model: Annotated[str, typer.Option()] = "smollm2-135m",
+    tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
+    target: Annotated[str, typer.Option(help="vllm | gguf: which candidate grids to measure.")] = "vllm",
+    candidates: Annotated[str, typer.Option()] = "3,4,8",
+    probe_samples: Annotated[int, typer.Option()] = 32,
+    seq_len: Annotated[int, typer.Option()] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    top_k: Annotated[int, typer.Option(help="Show the k most sensitive layers per objective.")] = 5,
+) -> None:
+    """Measure per-layer, per-objective RTN sensitivity; write profile.json (resumes per layer)."""
+    from tasa_deploy import plan as plan_stage
+    from tasa_deploy import profile as profile_stage
+    from tasa_deploy.model import load_model
+    from tasa_deploy.pipeline import QuantizeRequest
+
+    request = QuantizeRequest(tasks=_csv(tasks), target=target, candidates=_ints(candidates))
+    loaded = load_model(model)
+    result = profile_stage.measure_profile(
+        loaded.model, loaded.tokenizer, objectives=request.objectives, target=target,
+        probe_bits=min(request.candidates), candidate_bits=request.candidates, n_probe=probe_samples,
+        seq_len=seq_len, seed=seed, partial_path=out.with_name(out.name + ".partial"))
+    result.save(out)
+    _print_profile_diagnostics(plan_stage, result, top_k)
+    out_console.print(f"wrote {out}")
+
+
+def _print_profile_diagnostics(plan_stage, result, top_k: int) -> None:
+    taus = plan_stage.kendall_tau_matrix(result)
+    out_console.print(_table("Kendall tau between objectives (per-layer sensitivity)",
+                             [{"pair": f"{a} vs {b}", "tau": float(t)} for (a, b), t in taus.items()]))
+    top = plan_stage.top_layers(result, top_k)
+    out_console.print(_table(f"top-{top_k} layers", [{"objective": k, "layers": str(list(v))} for k, v in top.items()]))
+
+
+@app.command()
+def plan(
+    profile_path: Annotated[Path, typer.Option("--profile", help="profile.json from `tasa-deploy profile`.")],
+    bits: Annotated[float, typer.Option(help="Average bits-per-weight budget.")] = 3.5,
+    out: Annotated[Path, typer.Option("--out")] = Path("tasa_plan.json"),
+    target: Annotated[str, typer.Option()] = "vllm",
+    beta: Annotated[float, typer.Option()] = 0.5,
+    candidates: Annotated[str, typer.Option()] = "3,4,8",
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of sensitivity and chosen bits per layer.")] = None,
+) -> None:
+    """Re-plan from an existing profile for a budget (seconds, no model needed); write tasa_plan.json."""
+    from tasa_deploy import plan as plan_stage
+    from tasa_deploy.artifacts import SensitivityProfile
+
+    loaded_profile = SensitivityProfile.load(profile_path)
+    result = plan_stage.build_plan(loaded_profile, bits, target=target, beta=beta, candidates=_ints(candidates))
+    result.save(out)
+    out_console.print(_table("bits per layer", plan_stage.plan_table(result)))
+    if plot:
+        plan_stage.save_plan_plot(loaded_profile, result, plot)
+    out_console.print(f"average {result.average_bits:.4f} bpw (budget {bits}); wrote {out}")
+
+
+# ------------------------------------------------------------------------------------------------ eval / export / inspect
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model (as for quantize) or a quantized artifact directory.")] = "smollm2-135m",
+    tasks: Annotated[str, typer.Option(help="wikitext2, gsm8k, gsm8k_ll, arc_easy, arc_challenge, hellaswag, piqa")] = "wikitext2",
+    limit: Annotated[Optional[int], typer.Option(help="Items per task (windows for wikitext2).")] = None,
+    backend: Annotated[str, typer.Option(help="torch (dequantized weights) | triton (packed kernels, CUDA).")] = "torch",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write results as JSON.")] = None,
+) -> None:
+    """Evaluate a model or a quantized artifact on perplexity and task accuracy."""
+    from tasa_deploy.eval import EVALS
+    from tasa_deploy.model import load_any
+
+    unknown = [t for t in _csv(tasks) if t not in EVALS]
+    if unknown:
+        raise UsageError(f"unknown eval task '{unknown[0]}'; known: {', '.join(EVALS)}")
+    if backend not in ("torch", "triton"):
+        raise UsageError(f"--backend must be torch or triton, got {backend}")
+    loaded = load_any(model, backend=backend)
+    results = {}
+    for task in _csv(tasks):
+        results[task] = EVALS[task](loaded.model, loaded.tokenizer, limit)
+    rows = [{"task": k, **{m: v for m, v in r.items() if isinstance(v, (int, float))}} for k, r in results.items()]
+    out_console.print(_table(f"eval: {model}", rows))
+    if out:
+        from tasa_deploy.artifacts import write_json_atomic
+
+        write_json_atomic(out, {"model": model, "results": results})
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="Quantized artifact directory from `tasa-deploy quantize`.")],
+    out: Annotated[Path, typer.Option("--out", help="model.gguf (gguf) or a directory (vllm).")],
+    format: Annotated[str, typer.Option("--format", help="gguf | vllm")] = "gguf",
+    via: Annotated[Optional[str], typer.Option(help="gguf only: 'llama-quantize' uses llama.cpp's own quantizer.")] = None,
+    force: Annotated[bool, typer.Option("--force")] = False,
+) -> None:
+    """Export a quantized artifact for llama.cpp (GGUF) or vLLM (compressed-tensors)."""
+    if format == "gguf" and via is None:
+        from tasa_deploy.exporters.gguf import export_gguf
+
+        report = export_gguf(artifact, out, force=force)
+    elif format == "gguf" and via == "llama-quantize":
+        report = _export_via_llama_quantize(artifact, out, force)
+    elif format == "vllm":
+        if via is not None:
+            raise UsageError("--via applies to --format gguf only")
+        from tasa_deploy.exporters.vllm import export_vllm
+
+        report = export_vllm(artifact, out, force=force)
+    else:
+        raise UsageError(f"unknown export format '{format}' / --via '{via}'; use --format gguf|vllm, --via llama-quantize")
+    for warning in getattr(report, "warnings", ()) or ():
+        console.print(f"[yellow]warning:[/] {warning}")
+    out_console.print(f"wrote {out}")
+
+
+def _export_via_llama_quantize(artifact: Path, out: Path, force: bool):
+    from tasa_deploy.artifacts import load_artifact
+    from tasa_deploy.exporters.llamacpp import export_gguf_via_llama_quantize
+    from tasa_deploy.model import load_model
+    from tasa_deploy.pipeline import QuantizeRequest, calibration_tokens
+
+    opened = load_artifact(artifact)
+    request_json = opened.plan.info.get("request") or {}
+    request = QuantizeRequest(model=request_json.get("model", "smollm2-135m"),
+                              tasks=tuple(request_json.get("tasks", ("gsm8k", "arc"))),
+                              calib_samples=32, seq_len=512)
+    loaded = load_model(request.model)
+    from tasa_deploy.artifacts import CalibrationMix
+
+    mix = CalibrationMix.load(artifact / "mix.json") if (artifact / "mix.json").is_file() else None
+    tokens = calibration_tokens(loaded, request, mix)
+    return export_gguf_via_llama_quantize(artifact, out, loaded.model_dir, tokens, force=force)
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="Artifact dir, tasa_plan.json, profile.json, mix.json or .gguf")]) -> None:
+    """Print what an artifact holds."""
+    from tasa_deploy.inspect import describe
+
+    for title, rows in describe(path):
+        out_console.print(_table(title, rows))
+
+
+def run() -> None:
+    """Console entry point: typer app with one-line errors."""
+    try:
+        app(standalone_mode=False)
+    except TasaError as exc:
+        if STATE["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume from the last completed stage/layer")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if STATE["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        sys.exit(1)

@@ -1,0 +1,246 @@
+"""Runs the TASA stages in order and resumes from their artifacts (mix.json -> profile.json -> tasa_plan.json
+-> GPTQ blocks -> quantized dir).
+
+Each stage's artifact lands in a work directory (default `<out>.work/`); on a rerun a stage whose artifact
+exists and matches the model fingerprint and the stage settings is skipped ("reusing ..."), so an interrupted
+run continues where it stopped and a re-plan for another budget re-measures nothing. The stages never import
+each other: this module is the only place that knows their order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tasa_deploy import UsageError
+from tasa_deploy.artifacts import BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, save_artifact
+from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
+from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
+from tasa_deploy.quant.spec import QuantSpec, default_group_size
+
+TASK_ALIASES = {"arc": ("arc_easy", "arc_challenge"), "gsm8k": ("gsm8k",), "arc_easy": ("arc_easy",),
+                "arc_challenge": ("arc_challenge",), "hellaswag": ("hellaswag",), "piqa": ("piqa",)}
+OBJECTIVE_FOR_TASK = {"gsm8k": "math", "arc_easy": "arc", "arc_challenge": "arc"}
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """Everything `tasa-deploy quantize` was asked to do (validated on construction)."""
+
+    model: str = "smollm2-135m"
+    out: Path = Path("out/smollm2-tasa")
+    bits: float = 3.5  # average-bit budget (TASA) or the uniform width
+    method: str = "tasa"  # "tasa" | "uniform"
+    target: str = "vllm"  # "vllm" (int g128 grid) | "gguf" (GGML grids)
+    tasks: tuple[str, ...] = ("gsm8k", "arc")
+    general: str = "lambada"
+    candidates: tuple[int, ...] = (3, 4, 8)
+    beta: float = 0.5  # MOA weight on reasoning objectives
+    group_size: int | None = None  # None = largest of 128/64/32 dividing each K
+    symmetric: bool = True
+    quantizer: str = "gptq"  # "gptq" | "rtn"
+    alpha: float | None = None  # force the general-data share (skips the mixture search)
+    calib_samples: int = 64
+    seq_len: int = 512
+    probe_samples: int = 32
+    seed: int = 0
+    act_order: bool = False
+    work_dir: Path | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("tasa", "uniform"):
+            raise UsageError(f"--method must be tasa or uniform, got {self.method}")
+        if self.target not in ("vllm", "gguf"):
+            raise UsageError(f"--target must be vllm or gguf, got {self.target}")
+        if self.method == "uniform" and (self.bits != int(self.bits) or not 2 <= self.bits <= 8):
+            raise UsageError(f"uniform quantization needs an integer --bits in 2..8, got {self.bits}")
+        if not self.tasks:
+            raise UsageError("--tasks is empty; give at least one of: " + ", ".join(TASK_ALIASES))
+        unknown = [t for t in self.tasks if t not in TASK_ALIASES]
+        if unknown:
+            raise UsageError(f"unknown task '{unknown[0]}'; known: {', '.join(TASK_ALIASES)}")
+        if any(not 2 <= b <= 8 for b in self.candidates):
+            raise UsageError(f"candidate widths must be in 2..8, got {self.candidates}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.quantizer not in ("gptq", "rtn"):
+            raise UsageError(f"--quantizer must be gptq or rtn, got {self.quantizer}")
+
+    @property
+    def task_sources(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s for t in self.tasks for s in TASK_ALIASES[t]))
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return ("ppl", *dict.fromkeys(OBJECTIVE_FOR_TASK[s] for s in self.task_sources if s in OBJECTIVE_FOR_TASK))
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.out.with_name(self.out.name + ".work")
+
+
+@dataclass
+class StageTimes:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 2)
+
+
+def uniform_plan(model: torch.nn.Module, fingerprint: str, bits: int, target: str, *, group_size: int | None = None,
+                 symmetric: bool = True, method: str = "gptq") -> BitPlan:
+    """Every quantizable module at `bits` (GGUF target: the GGML type for that width the row fits)."""
+    modules = {}
+    for name, linear in quantizable_modules(model).items():
+        in_features = linear.in_features
+        if target == "gguf":
+            spec = QuantSpec.for_ggml(gguf_type_for(bits, in_features))
+        else:
+            spec = QuantSpec(bits, group_size or default_group_size(in_features), symmetric)
+            spec.groups_for(in_features)
+        modules[name] = ModulePlan(spec, method)
+    return BitPlan(fingerprint, target, modules, None, None, {"kind": f"uniform{bits}"})
+
+
+def gguf_type_for(bits: int, in_features: int) -> str:
+    """The GGML type for a width: the k-quant where the row fits, else the smallest block-32 type with >= bits."""
+    preferred = DEFAULT_TYPE_FOR_BITS.get(bits)
+    if preferred and fits_row(preferred, in_features):
+        return preferred
+    legacy = sorted((t for t in GGML_TYPES.values() if not t.k_quant and t.nominal_bits >= bits and not t.has_min),
+                    key=lambda t: t.nominal_bits)
+    for info in legacy:
+        if fits_row(info.name, in_features):
+            return info.name
+    raise UsageError(f"no GGML type holds {bits}-bit rows of {in_features}; row length must be a multiple of 32")
+
+
+def settings_match(saved: dict, wanted: dict) -> bool:
+    return json.dumps(saved, sort_keys=True, default=str) == json.dumps(wanted, sort_keys=True, default=str)
+
+
+def request_to_json(request: QuantizeRequest) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(request).items()}
+
+
+def copy_stage_files(work_dir: Path, out_dir: Path, names: tuple[str, ...] = ("mix.json", "profile.json")) -> None:
+    for name in names:
+        if (work_dir / name).is_file():
+            shutil.copy2(work_dir / name, out_dir / name)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def stage_mix(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, work_dir: Path, log: Log) -> CalibrationMix:
+    """mix.json: reuse when it matches this model and request, else search (or honour --alpha)."""
+    from tasa_deploy import mix as mix_stage
+    from tasa_deploy.artifacts import MixScore
+
+    path = work_dir / "mix.json"
+    wanted = {"general": request.general, "tasks": list(request.task_sources), "seed": request.seed,
+              "forced_alpha": request.alpha}
+    if path.is_file():
+        saved = CalibrationMix.load(path)
+        if saved.model_fingerprint == fingerprint and settings_match(saved.settings.get("request", {}), wanted):
+            log(f"reusing {path} (alpha = {saved.alpha})")
+            return saved
+    if request.alpha is not None:
+        mix = CalibrationMix(fingerprint, request.alpha, request.general, request.task_sources, (), {"request": wanted})
+    else:
+        found = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=request.general,
+                                         tasks=request.task_sources, seed=request.seed)
+        mix = CalibrationMix(found.model_fingerprint or fingerprint, found.alpha, found.general, found.tasks,
+                             tuple(MixScore(**vars(s)) if not isinstance(s, MixScore) else s for s in found.scores),
+                             {**found.settings, "request": wanted})
+    mix.save(path)
+    return mix
+
+
+def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, work_dir: Path,
+                  log: Log) -> SensitivityProfile:
+    """profile.json: reuse when model and settings match; otherwise measure (resuming per layer)."""
+    from tasa_deploy import profile as profile_stage
+
+    path = work_dir / "profile.json"
+    kwargs = dict(objectives=request.objectives, target=request.target, probe_bits=min(request.candidates),
+                  candidate_bits=request.candidates, n_probe=request.probe_samples, seq_len=min(request.seq_len, 256),
+                  seed=request.seed)
+    wanted = profile_stage.profile_settings(**kwargs)
+    if path.is_file():
+        saved = SensitivityProfile.load(path)
+        if saved.model_fingerprint == fingerprint and settings_match(saved.settings, wanted):
+            log(f"reusing {path}")
+            return saved
+    profile = profile_stage.measure_profile(loaded.model, loaded.tokenizer, partial_path=work_dir / "profile.partial.json",
+                                            **kwargs)
+    profile.save(path)
+    return profile
+
+
+def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: Path) -> BitPlan:
+    from tasa_deploy import plan as plan_stage
+
+    plan = plan_stage.build_plan(profile, request.bits, target=request.target, beta=request.beta,
+                                 candidates=request.candidates)
+    plan.save(work_dir / "tasa_plan.json")
+    return plan
+
+
+def calibration_tokens(loaded: LoadedModel, request: QuantizeRequest, mix: CalibrationMix | None) -> torch.Tensor:
+    """[n, T] calibration rows: the chosen mixture (TASA) or general-only data (uniform, unless --alpha)."""
+    from tasa_deploy import data
+
+    alpha = mix.alpha if mix is not None else (1.0 if request.alpha is None else request.alpha)
+    general = data.calibration_texts(request.general, "calib")
+    task = [t for source in request.task_sources for t in data.calibration_texts(source, "calib")]
+    return data.mixture_batches(loaded.tokenizer, general, task, alpha, request.calib_samples, request.seq_len,
+                                request.seed)
+
+
+def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> tuple[Path, dict]:
+    """All stages for one request; returns the artifact dir and a summary (stage times, plan bits)."""
+    from tasa_deploy.quantize import GPTQSettings, quantize_model
+
+    if request.out.exists() and not request.force:
+        raise UsageError(f"output {request.out} already exists; pass --force to overwrite it")
+    times = StageTimes()
+    loaded = times.run("load", load_model, request.model)
+    fingerprint = times.run("fingerprint", model_fingerprint, loaded.model)
+    work_dir = request.resolved_work_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mix = None
+    if request.method == "tasa":
+        mix = times.run("mix", stage_mix, loaded, fingerprint, request, work_dir, log)
+        profile = times.run("profile", stage_profile, loaded, fingerprint, request, work_dir, log)
+        plan = times.run("plan", stage_plan, profile, request, work_dir)
+    else:
+        plan = uniform_plan(loaded.model, fingerprint, int(request.bits), request.target,
+                            group_size=request.group_size, symmetric=request.symmetric, method=request.quantizer)
+    plan = BitPlan(plan.model_fingerprint, plan.target, plan.modules, plan.budget_bits, plan.average_bits,
+                   {**plan.info, "request": request_to_json(request), "alpha": mix.alpha if mix else None})
+    tokens = times.run("calibration data", calibration_tokens, loaded, request, mix)
+    settings = GPTQSettings(act_order=request.act_order)
+    modules = times.run("quantize", quantize_model, loaded.model, plan, tokens, settings=settings,
+                        resume_dir=work_dir / "gptq", on_block=on_block)
+    tensors = {k: v for k, v in loaded.model.state_dict().items() if k.rsplit(".", 1)[0] not in modules}
+    if getattr(loaded.model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
+              tensors=tensors, force=request.force)
+    copy_stage_files(work_dir, request.out)
+    return request.out, {"stage_seconds": times.seconds, "plan": plan, "alpha": mix.alpha if mix else None}
+
+
+__all__ = ["run_quantize", "QuantizeRequest", "StageTimes", "uniform_plan", "gguf_type_for", "settings_match", "LoadedModel",
+           "load_model", "model_fingerprint", "CalibrationMix", "SensitivityProfile", "save_artifact"]

@@ -1,0 +1,161 @@
+"""Sequential block-by-block GPTQ with a BitPlan (stage 4 of TASA).
+
+Like llm-compressor's sequential pipeline: calibration tokens run to decoder block 0 once; then for each block
+the inputs of block i come from the already-quantized blocks < i, so errors are compensated downstream and peak
+memory is one block plus the calibration activations, not the model twice. Inside a block the fused groups are
+quantized in execution order (q/k/v, o, gate/up, down), each calibrated on inputs that already see the
+quantized earlier groups ("true sequential").
+
+Resume: after each block its quantized tensors are saved to `resume_dir/block_XXX.safetensors` (atomically).
+A rerun with the same plan and calibration data loads finished blocks, replays them to rebuild the
+activations, and continues; the result is byte-identical to an uninterrupted run (CPU, deterministic ops).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tasa_deploy import UsageError
+from tasa_deploy.artifacts import BitPlan, atomic_path
+from tasa_deploy.capture import BlockInputs, capture_first_block_inputs, linear_input_hooks, run_block
+from tasa_deploy.model import FUSED_GROUPS, block_linears, block_prefix, decoder_blocks
+from tasa_deploy.quant import QuantizedTensor, accumulate_hessian, make_empty_hessian, quantize_rtn, quantize_weight
+
+BlockCallback = Callable[[int, int, bool], None]  # (block index, total blocks, resumed?) -> None
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    batch_size: int = 8  # calibration rows per forward
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Tensor, *,
+                   settings: GPTQSettings = GPTQSettings(), resume_dir: Path | None = None,
+                   on_block: BlockCallback | None = None) -> dict[str, QuantizedTensor]:
+    """Quantize every planned module of `model` in place (weights replaced by their dequantized values) and
+    return the quantized tensors by HF module name. calibration_tokens: [n, T] int64."""
+    _check_plan_covers_model(model, plan)
+    batches = list(calibration_tokens.split(settings.batch_size))
+    inputs = capture_first_block_inputs(model, batches)
+    blocks = decoder_blocks(model)
+    resume_key = _resume_key(plan, calibration_tokens, settings)
+    quantized: dict[str, QuantizedTensor] = {}
+    for index, block in enumerate(blocks):
+        prefix = block_prefix(model, index)
+        saved = _load_block(resume_dir, index, resume_key) if resume_dir else None
+        if saved is None:
+            block_result = _quantize_block(block, prefix, inputs, plan, settings)
+            if resume_dir:
+                _save_block(resume_dir, index, resume_key, block_result)
+        else:
+            block_result = saved
+            _apply(block, prefix, block_result)
+        quantized.update(block_result)
+        inputs = [BlockInputs(run_block(block, x), x.kwargs) for x in inputs]
+        if on_block:
+            on_block(index, len(blocks), saved is not None)
+    return quantized
+
+
+def _quantize_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], plan: BitPlan,
+                    settings: GPTQSettings) -> dict[str, QuantizedTensor]:
+    linears = block_linears(block)
+    result: dict[str, QuantizedTensor] = {}
+    for group in FUSED_GROUPS.values():
+        members = {name: linears[name] for name in group if f"{prefix}.{name}" in plan.modules}
+        if not members:
+            continue
+        hessians = _collect_hessians(block, members, inputs)
+        for name, linear in members.items():
+            full_name = f"{prefix}.{name}"
+            module_plan = plan.modules[full_name]
+            weight = linear.weight.detach().float()  # [N, K]
+            if module_plan.method == "rtn":
+                qt = quantize_rtn(weight, module_plan.spec)
+            else:
+                qt, _ = quantize_weight(weight, hessians[name], module_plan.spec, damp=settings.damp,
+                                        act_order=settings.act_order, block_size=settings.block_size)
+            linear.weight.copy_(qt.dequantize(linear.weight.dtype))
+            result[full_name] = qt
+    return result
+
+
+def _collect_hessians(block: nn.Module, members: dict[str, nn.Linear],
+                      inputs: list[BlockInputs]) -> dict[str, torch.Tensor]:
+    """Run the block over all calibration inputs and accumulate each member's input Hessian [K, K]."""
+    state = {name: (make_empty_hessian(linear.in_features), 0) for name, linear in members.items()}
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        hessian, n_seen = state[name]
+        state[name] = accumulate_hessian(hessian, n_seen, x)
+
+    with linear_input_hooks(members, on_input):
+        for x in inputs:
+            run_block(block, x)
+    return {name: hessian for name, (hessian, _) in state.items()}
+
+
+def _apply(block: nn.Module, prefix: str, tensors: dict[str, QuantizedTensor]) -> None:
+    linears = block_linears(block)
+    for full_name, qt in tensors.items():
+        linear = linears[full_name[len(prefix) + 1:]]
+        linear.weight.copy_(qt.dequantize(linear.weight.dtype))
+
+
+def _check_plan_covers_model(model: nn.Module, plan: BitPlan) -> None:
+    names = {f"{block_prefix(model, i)}.{n}" for i in range(len(decoder_blocks(model))) for n in block_linears(decoder_blocks(model)[i])}
+    unknown = sorted(set(plan.modules) - names)
+    if unknown:
+        raise UsageError(f"plan names modules this model does not have (e.g. {unknown[0]}); "
+                         "was it made for another model?")
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def _resume_key(plan: BitPlan, tokens: torch.Tensor, settings: GPTQSettings) -> str:
+    digest = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode())
+    digest.update(tokens.contiguous().numpy().tobytes())
+    digest.update(json.dumps(settings.__dict__, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _save_block(resume_dir: Path, index: int, key: str, tensors: dict[str, QuantizedTensor]) -> None:
+    from safetensors.torch import save_file
+
+    flat, meta = {}, {"resume_key": key}
+    for name, qt in tensors.items():
+        flat.update({k: v.contiguous() for k, v in qt.tensors(name).items()})
+        meta[name] = json.dumps([qt.fmt, qt.bits, qt.group_size, qt.symmetric])
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(resume_dir / f"block_{index:03d}.safetensors", force=True) as tmp:
+        save_file(flat, str(tmp), metadata=meta)
+
+
+def _load_block(resume_dir: Path, index: int, key: str) -> dict[str, QuantizedTensor] | None:
+    from safetensors import safe_open
+
+    path = resume_dir / f"block_{index:03d}.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("resume_key") != key:
+            return None  # made with another plan / data / settings: redo this block
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for name, value in meta.items():
+        if name == "resume_key":
+            continue
+        fmt, bits, group, sym = json.loads(value)
+        out[name] = QuantizedTensor.from_tensors(name, flat, fmt, bits, group, sym)
+    return out
