@@ -88,14 +88,14 @@ def quantize(
 
 
 def _print_plan_summary(plan) -> None:
-    from tasa_deploy.bits import bits_per_weight
-
-    by_layer: dict[str, list[str]] = {}
+    """One row per layer, one column per module (q/k/v/o/gate/up/down), cells = grid keys."""
+    by_layer: dict[str, dict[str, str]] = {}
     for name, module_plan in plan.modules.items():
         layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "-"
-        by_layer.setdefault(layer, []).append(f"{name.rsplit('.', 1)[-1]}={module_plan.spec.key}")
-    rows = [{"layer": k, "modules": " ".join(v)} for k, v in by_layer.items()]
-    out_console.print(_table(f"plan ({plan.target}, average {plan.average_bits or 'n/a'} bpw)", rows))
+        short = name.rsplit(".", 1)[-1].replace("_proj", "")
+        by_layer.setdefault(layer, {"layer": layer})[short] = module_plan.spec.key
+    average = f"{plan.average_bits:.4f}" if plan.average_bits else "n/a"
+    out_console.print(_table(f"plan ({plan.target}, average {average} bpw)", list(by_layer.values())))
 
 
 # ------------------------------------------------------------------------------------------------ mix / profile / plan

@@ -76,7 +76,8 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], pl
         members = {name: linears[name] for name in group if f"{prefix}.{name}" in plan.modules}
         if not members:
             continue
-        hessians = _collect_hessians(block, members, inputs)
+        needs_hessian = any(plan.modules[f"{prefix}.{n}"].method != "rtn" for n in members)
+        hessians = _collect_hessians(block, members, inputs) if needs_hessian else {}
         for name, linear in members.items():
             full_name = f"{prefix}.{name}"
             module_plan = plan.modules[full_name]

@@ -1,0 +1,263 @@
+"""TASA stage 3: normalize + aggregate per-objective sensitivities (MOA) and allocate bits -> `tasa_plan.json`.
+
+From a SensitivityProfile (raw per-objective loss increases per allocation unit and candidate grid) to a
+BitPlan, with no model in the loop, so re-planning for another budget takes well under a second.
+
+  1. Normalize (NORMALIZATION): for each objective k, clip the deltas at 0 (a quantized unit that happens to
+     lower a probe loss is noise, not a gain) and divide by S_k = the sum of the clipped deltas over every
+     unit and every candidate of the profile. Each objective then carries the same total mass 1, so losses on
+     different scales (token NLL vs a multiple-choice loss) weigh equally. S_k depends only on the profile,
+     not on the candidate subset or the budget, so plans for different budgets share one scale. An
+     objective with S_k = 0 (insensitive everywhere) contributes nothing.
+  2. Aggregate (MOA, TASA arXiv 2607.00908): error(u, c) = beta * mean over reasoning objectives (math, arc)
+     + (1 - beta) * mean over general objectives (GENERAL_OBJECTIVES: ppl). If only one kind is selected it
+     gets weight 1 and beta is recorded but unused.
+  3. Allocate (tasa_deploy.allocate, exact multiple-choice knapsack): one candidate per unit minimizing the
+     summed aggregated error under the average-bits budget (or a byte budget for the quantized linears),
+     costs = TRUE bits per weight from tasa_deploy.bits (scale / zero / block overhead included).
+  4. Every module of a unit gets the unit's grid (fused vLLM groups stay tied) with method "gptq".
+
+Also the paper's diagnostics over the profile's per-layer deltas: Kendall tau-b between objectives and the
+top-k most sensitive layers per objective; `plan_table` and `save_plan_plot` summarize a plan.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from tasa_deploy import UsageError
+from tasa_deploy.allocate import Option, allocate_average_bits, allocate_total_bits
+from tasa_deploy.artifacts import BitPlan, ModulePlan, SensitivityProfile, UnitSensitivity, atomic_path
+from tasa_deploy.bits import bits_per_weight, exact_bits_per_weight, gguf_candidates
+from tasa_deploy.quant.spec import QuantSpec
+
+GENERAL_OBJECTIVES = ("ppl",)
+TARGETS = ("vllm", "gguf")
+NORMALIZATION = "per-objective: max(delta, 0) / sum of max(delta, 0) over all units and candidates"
+DEFAULT_BITS = (3, 4, 8)
+
+
+# ----------------------------------------------------------------------------------------- normalize + MOA
+def select_objectives(profile: SensitivityProfile, objectives: Sequence[str] | None) -> tuple[str, ...]:
+    """The objectives to plan for (default: all of the profile's); unknown or none is a UsageError."""
+    chosen = tuple(profile.objectives if objectives is None else objectives)
+    if not chosen:
+        raise UsageError(f"no objectives selected; choose from the profile's: {', '.join(profile.objectives)}")
+    unknown = [name for name in chosen if name not in profile.objectives]
+    if unknown:
+        raise UsageError(f"objective '{unknown[0]}' is not in the profile (it has {', '.join(profile.objectives)}); "
+                         "pick from those or rerun `tasa-deploy profile` with it")
+    return tuple(dict.fromkeys(chosen))
+
+
+def objective_weights(objectives: Sequence[str], beta: float) -> dict[str, float]:
+    """MOA weights: beta split over reasoning objectives, 1 - beta over general ones (see module doc)."""
+    if not 0.0 <= beta <= 1.0:
+        raise UsageError(f"beta must be in [0, 1] (weight on the reasoning objectives), got {beta}")
+    general = [o for o in objectives if o in GENERAL_OBJECTIVES]
+    reasoning = [o for o in objectives if o not in GENERAL_OBJECTIVES]
+    if not general or not reasoning:
+        return {o: 1.0 / len(objectives) for o in objectives}
+    return {**{o: (1.0 - beta) / len(general) for o in general}, **{o: beta / len(reasoning) for o in reasoning}}
+
+
+def objective_scales(profile: SensitivityProfile, objectives: Sequence[str]) -> dict[str, float]:
+    """S_k = sum of clipped deltas over every unit and candidate (0 -> the objective is ignored)."""
+    scales = {}
+    for objective in objectives:
+        total = 0.0
+        for unit in profile.units:
+            for key, per_objective in unit.errors.items():
+                if objective not in per_objective:
+                    raise UsageError(f"profile unit {unit.name} has no '{objective}' error for {key}; "
+                                     "the profile is incomplete — rerun `tasa-deploy profile`")
+                total += max(float(per_objective[objective]), 0.0)
+        scales[objective] = total
+    return scales
+
+
+def aggregated_errors(profile: SensitivityProfile, objectives: Sequence[str],
+                      beta: float) -> dict[str, dict[str, float]]:
+    """unit name -> candidate key -> normalized MOA error (the allocator's predicted error)."""
+    weights = objective_weights(objectives, beta)
+    scales = objective_scales(profile, objectives)
+    return {unit.name: {key: sum(weights[o] * max(float(errs[o]), 0.0) / scales[o]
+                                 for o in objectives if scales[o] > 0) for key, errs in unit.errors.items()}
+            for unit in profile.units}
+
+
+# ----------------------------------------------------------------------------------------- candidates
+def unit_candidates(unit: UnitSensitivity, target: str, candidates: Iterable[int | str] | None) -> list[str]:
+    """Candidate keys of one unit: profile keys for the target, filtered by width (int) or key/type (str)."""
+    keys = [key for key in unit.errors if _is_target_key(key, target)]
+    if target == "gguf":
+        fitting = set(gguf_candidates(unit.in_features))
+        keys = [key for key in keys if key in fitting]
+    wanted = DEFAULT_BITS if candidates is None else tuple(candidates)
+    chosen = [key for key in keys if _matches(QuantSpec.from_key(key), wanted)]
+    if not chosen:
+        raise UsageError(f"unit {unit.name} has no candidate among {list(wanted)} in the profile "
+                         f"(it measured {', '.join(unit.errors) or 'nothing'}); widen --candidates or re-profile")
+    return chosen
+
+
+def _is_target_key(key: str, target: str) -> bool:
+    return key.startswith("int") == (target == "vllm")
+
+
+def _matches(spec: QuantSpec, wanted: Sequence[int | str]) -> bool:
+    return any(spec.bits == w if isinstance(w, int) else spec.key == str(w).lower() for w in wanted)
+
+
+def allocation_options(profile: SensitivityProfile, target: str, candidates, errors) -> dict[str, list[Option]]:
+    """unit -> [Option(key, true bpw, n_weights, aggregated error)] for the allocator."""
+    return {unit.name: [Option(key, bits_per_weight(QuantSpec.from_key(key), unit.in_features), unit.n_weights,
+                               errors[unit.name][key]) for key in unit_candidates(unit, target, candidates)]
+            for unit in profile.units}
+
+
+# ----------------------------------------------------------------------------------------- the plan
+def build_plan(profile: SensitivityProfile, budget_bits: float | None, target: str = "vllm", beta: float = 0.5,
+               candidates: Iterable[int | str] | None = None, objectives: Sequence[str] | None = None,
+               *, budget_bytes: int | None = None, method: str = "gptq") -> BitPlan:
+    """Allocate grids for an average-bits budget (or `budget_bytes` for all quantized linears) -> BitPlan."""
+    if target not in TARGETS:
+        raise UsageError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    if (budget_bits is None) == (budget_bytes is None):
+        raise UsageError("give exactly one budget: average bits per weight or a size in bytes")
+    if not profile.units:
+        raise UsageError("the profile has no allocation units; rerun `tasa-deploy profile`")
+    chosen_objectives = select_objectives(profile, objectives)
+    errors = aggregated_errors(profile, chosen_objectives, beta)
+    options = allocation_options(profile, target, candidates, errors)
+    allocation = (allocate_average_bits(options, budget_bits) if budget_bytes is None
+                  else allocate_total_bits(options, 8 * budget_bytes))
+    modules = {module: ModulePlan(QuantSpec.from_key(allocation.choice[unit.name]), method)
+               for unit in profile.units for module in unit.modules}
+    info = {"beta": beta, "normalization": NORMALIZATION, "objectives": list(chosen_objectives),
+            "objective_weights": objective_weights(chosen_objectives, beta), "budget_bytes": budget_bytes,
+            "predicted_error": allocation.total_error, "profile_settings": dict(profile.settings),
+            "units": _unit_summary(profile, allocation.choice, errors)}
+    budget_average = budget_bits if budget_bytes is None else 8 * budget_bytes / allocation.n_weights
+    return BitPlan(profile.model_fingerprint, target, modules, budget_average,
+                   _units_average_bits(profile, allocation.choice), info)
+
+
+def _units_average_bits(profile: SensitivityProfile, choice: Mapping[str, str]) -> float:
+    total = sum(exact_bits_per_weight(QuantSpec.from_key(choice[u.name]), u.in_features) * u.n_weights
+                for u in profile.units)
+    return float(total / sum(u.n_weights for u in profile.units))
+
+
+def _unit_summary(profile, choice, errors) -> dict[str, dict]:
+    return {u.name: {"layer": u.layer, "key": choice[u.name], "n_weights": u.n_weights,
+                     "bpw": bits_per_weight(QuantSpec.from_key(choice[u.name]), u.in_features),
+                     "error": errors[u.name][choice[u.name]]} for u in profile.units}
+
+
+def plan_table(plan: BitPlan) -> list[dict]:
+    """One row per layer: the grid key of each unit (short names) and the layer's average bits per weight."""
+    units = plan.info.get("units")
+    if not units:
+        raise UsageError("the plan carries no per-unit summary (a uniform plan?); nothing to tabulate")
+    by_layer: dict[int, dict[str, dict]] = {}
+    for name, unit in units.items():
+        by_layer.setdefault(int(unit["layer"]), {})[_short_name(name)] = unit
+    columns = list(dict.fromkeys(short for layer in sorted(by_layer) for short in by_layer[layer]))
+    rows = []
+    for layer in sorted(by_layer):
+        cells = by_layer[layer]
+        n_weights = sum(u["n_weights"] for u in cells.values())
+        average = sum(u["bpw"] * u["n_weights"] for u in cells.values()) / n_weights
+        rows.append({"layer": layer, **{c: cells[c]["key"] if c in cells else "-" for c in columns},
+                     "avg bpw": average})
+    return rows
+
+
+def _short_name(unit_name: str) -> str:
+    """'model.layers.3.qkv' -> 'qkv'; 'model.layers.3.self_attn.q_proj' -> 'q'."""
+    return unit_name.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
+# ----------------------------------------------------------------------------------------- diagnostics
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b (tie-corrected) by pair counting; nan when either sequence is constant."""
+    if len(x) != len(y):
+        raise UsageError(f"tau needs sequences of one length, got {len(x)} and {len(y)}")
+    concordant_minus_discordant, ties_x, ties_y, n_pairs = 0, 0, 0, 0
+    for i, j in combinations(range(len(x)), 2):
+        dx, dy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
+        concordant_minus_discordant += dx * dy
+        ties_x += dx == 0
+        ties_y += dy == 0
+        n_pairs += 1
+    denominator = math.sqrt((n_pairs - ties_x) * (n_pairs - ties_y))
+    return concordant_minus_discordant / denominator if denominator else math.nan
+
+
+def _sign(value: float) -> int:
+    return (value > 0) - (value < 0)
+
+
+def kendall_tau_matrix(profile: SensitivityProfile) -> dict[tuple[str, str], float]:
+    """Tau-b between every pair of objectives' per-layer deltas (does ppl rank layers like math does?)."""
+    return {(a, b): kendall_tau_b(profile.layer_deltas[a], profile.layer_deltas[b])
+            for a, b in combinations(profile.objectives, 2)}
+
+
+def top_layers(profile: SensitivityProfile, k: int) -> dict[str, list[int]]:
+    """The k layers with the largest delta per objective, most sensitive first (ties: lower layer first)."""
+    if k < 1:
+        raise UsageError(f"k must be >= 1, got {k}")
+    return {o: sorted(range(len(d)), key=lambda layer: (-d[layer], layer))[:k]
+            for o, d in ((o, profile.layer_deltas[o]) for o in profile.objectives)}
+
+
+# ----------------------------------------------------------------------------------------- plot
+def normalized_layer_deltas(profile: SensitivityProfile) -> dict[str, list[float]]:
+    """Per objective: clipped per-layer deltas divided by their sum (the plot's top panel)."""
+    result = {}
+    for objective in profile.objectives:
+        clipped = [max(float(d), 0.0) for d in profile.layer_deltas[objective]]
+        total = sum(clipped)
+        result[objective] = [d / total if total else 0.0 for d in clipped]
+    return result
+
+
+def save_plan_plot(profile: SensitivityProfile, plan: BitPlan, png_path: Path) -> Path:
+    """PNG: normalized sensitivity per objective per layer (top) and chosen bits per layer (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = plan_table(plan)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    try:
+        _draw_plan(fig, top, bottom, profile, plan, rows)
+        png_path = Path(png_path)
+        with atomic_path(png_path, force=True) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return png_path
+
+
+def _draw_plan(fig, top, bottom, profile: SensitivityProfile, plan: BitPlan, rows: list[dict]) -> None:
+    for objective, values in normalized_layer_deltas(profile).items():
+        top.plot(range(len(values)), values, marker="o", label=objective)
+    top.set_ylabel("normalized block delta")
+    top.legend()
+    averages = [r["avg bpw"] for r in rows]
+    bottom.bar([r["layer"] for r in rows], averages, color="tab:gray")
+    bottom.set_ylim(max(0.0, min(averages) - 0.5), max(averages + [plan.budget_bits or 0.0]) + 0.5)
+    if plan.budget_bits is not None:
+        bottom.axhline(plan.budget_bits, color="tab:red", linestyle="--", label=f"budget {plan.budget_bits:g}")
+        bottom.legend()
+    bottom.set_xlabel("layer")
+    bottom.set_ylabel("bits per weight")
+    fig.suptitle(f"TASA plan ({plan.target}): {plan.average_bits:.3f} bpw, beta={plan.info.get('beta')}")
+    fig.tight_layout()
