@@ -10,17 +10,45 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from tasa_deploy import TasaError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Task-aware mixed-precision quantization (TASA) with GGUF and vLLM export.")
 console = Console(stderr=True)
 out_console = Console()
 STATE = {"debug": False}
+
+
+class _OneLineErrors(TyperGroup):
+    """Turns TasaError into one red line on stderr and its exit code (2 usage, 1 runtime); --debug re-raises."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TasaError as exc:
+            if STATE["debug"]:
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("interrupted; rerun the same command to resume from the last completed stage/layer")
+            raise typer.Exit(130) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # an unexpected failure: still one line, the traceback only with --debug
+            if STATE["debug"]:
+                raise
+            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Task-aware mixed-precision quantization (TASA) with GGUF and vLLM export.")
 
 
 @app.callback()
@@ -278,26 +306,9 @@ def inspect(path: Annotated[Path, typer.Argument(help="Artifact dir, tasa_plan.j
 
 
 def run() -> None:
-    """Console entry point: typer app with one-line errors."""
-    try:
-        app(standalone_mode=False)
-    except TasaError as exc:
-        if STATE["debug"]:
-            raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        console.print("interrupted; rerun the same command to resume from the last completed stage/layer")
-        sys.exit(130)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except Exception as exc:  # click usage errors
-        import click
+    """Console entry point."""
+    app()
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if STATE["debug"]:
-            raise
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
-        sys.exit(1)
+
+if __name__ == "__main__":
+    run()

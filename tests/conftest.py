@@ -25,3 +25,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
+    """A tiny random Llama (4 layers, hidden 64) saved as an HF dir with SmolLM2's real tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(smollm2.tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=smollm2.tokenizer.bos_token_id,
+                         eos_token_id=smollm2.tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    smollm2.tokenizer.save_pretrained(out)
+    return out
