@@ -91,10 +91,13 @@ def quantize(
     asym: Annotated[bool, typer.Option("--asym", help="Asymmetric int grid (uniform only; vLLM serves symmetric).")] = False,
     quantizer: Annotated[str, typer.Option(help="gptq | rtn")] = "gptq",
     alpha: Annotated[Optional[float], typer.Option(help="Force the general-data share of the calibration mix.")] = None,
-    calib_samples: Annotated[int, typer.Option(help="Calibration rows for GPTQ.")] = 64,
+    calib_samples: Annotated[int, typer.Option(help="Calibration rows for GPTQ.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Calibration row length in tokens.")] = 512,
     seed: Annotated[int, typer.Option()] = 0,
     act_order: Annotated[bool, typer.Option("--act-order")] = False,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="One calibration pass per fused group.")] = False,
+    probe_samples: Annotated[int, typer.Option(help="Rows per objective for the sensitivity profile.")] = 16,
+    mix_samples: Annotated[int, typer.Option(help="Rows per data source for the mixture search.")] = 8,
     work_dir: Annotated[Optional[Path], typer.Option(help="Stage artifacts (default: OUT.work); reruns resume from it.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
@@ -104,7 +107,8 @@ def quantize(
     request = QuantizeRequest(model=model, out=out, bits=bits, method=method, target=target, tasks=_csv(tasks),
                               candidates=_ints(candidates), beta=beta, group_size=group_size, symmetric=not asym,
                               quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
-                              seed=seed, act_order=act_order, work_dir=work_dir, force=force)
+                              seed=seed, act_order=act_order, true_sequential=true_sequential,
+                              probe_samples=probe_samples, mix_samples=mix_samples, work_dir=work_dir, force=force)
 
     def on_block(index: int, total: int, resumed: bool) -> None:
         console.print(f"  block {index + 1}/{total} {'(resumed from checkpoint)' if resumed else 'quantized'}")

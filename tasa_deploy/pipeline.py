@@ -47,9 +47,12 @@ class QuantizeRequest:
     symmetric: bool = True
     quantizer: str = "gptq"  # "gptq" | "rtn"
     alpha: float | None = None  # force the general-data share (skips the mixture search)
-    calib_samples: int = 64
+    calib_samples: int = 32  # x seq_len tokens for GPTQ (CPU-friendly default; 128 x 2048 on a GPU box)
     seq_len: int = 512
-    probe_samples: int = 32
+    probe_samples: int = 16
+    probe_seq_len: int = 128
+    mix_samples: int = 8
+    true_sequential: bool = False
     seed: int = 0
     act_order: bool = False
     work_dir: Path | None = None
@@ -149,7 +152,7 @@ def stage_mix(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, w
 
     path = work_dir / "mix.json"
     wanted = {"general": request.general, "tasks": list(request.task_sources), "seed": request.seed,
-              "forced_alpha": request.alpha}
+              "forced_alpha": request.alpha, "samples": request.mix_samples, "seq_len": request.probe_seq_len * 2}
     if path.is_file():
         saved = CalibrationMix.load(path)
         if saved.model_fingerprint == fingerprint and settings_match(saved.settings.get("request", {}), wanted):
@@ -159,7 +162,8 @@ def stage_mix(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, w
         mix = CalibrationMix(fingerprint, request.alpha, request.general, request.task_sources, (), {"request": wanted})
     else:
         found = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=request.general,
-                                         tasks=request.task_sources, seed=request.seed)
+                                         tasks=request.task_sources, n_samples=request.mix_samples,
+                                         seq_len=request.probe_seq_len * 2, seed=request.seed)
         mix = CalibrationMix(found.model_fingerprint or fingerprint, found.alpha, found.general, found.tasks,
                              tuple(MixScore(**vars(s)) if not isinstance(s, MixScore) else s for s in found.scores),
                              {**found.settings, "request": wanted})
@@ -174,7 +178,7 @@ def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeReques
 
     path = work_dir / "profile.json"
     kwargs = dict(objectives=request.objectives, target=request.target, probe_bits=min(request.candidates),
-                  candidate_bits=request.candidates, n_probe=request.probe_samples, seq_len=min(request.seq_len, 256),
+                  candidate_bits=request.candidates, n_probe=request.probe_samples, seq_len=request.probe_seq_len,
                   seed=request.seed)
     wanted = profile_stage.profile_settings(**kwargs)
     if path.is_file():
@@ -208,6 +212,17 @@ def calibration_tokens(loaded: LoadedModel, request: QuantizeRequest, mix: Calib
                                 request.seed)
 
 
+def _check_resources(request: QuantizeRequest) -> None:
+    from transformers import AutoConfig
+
+    from tasa_deploy.model import resolve_model_dir
+    from tasa_deploy.resources import check_memory, estimate_quantize_memory
+
+    config = AutoConfig.from_pretrained(resolve_model_dir(request.model))
+    check_memory(estimate_quantize_memory(getattr(config, "text_config", config), request.calib_samples,
+                                          request.seq_len))
+
+
 def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> tuple[Path, dict]:
     """All stages for one request; returns the artifact dir and a summary (stage times, plan bits)."""
     from tasa_deploy.quantize import GPTQSettings, quantize_model
@@ -215,6 +230,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     if request.out.exists() and not request.force:
         raise UsageError(f"output {request.out} already exists; pass --force to overwrite it")
     times = StageTimes()
+    _check_resources(request)
     loaded = times.run("load", load_model, request.model)
     fingerprint = times.run("fingerprint", model_fingerprint, loaded.model)
     work_dir = request.resolved_work_dir
@@ -230,7 +246,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     plan = BitPlan(plan.model_fingerprint, plan.target, plan.modules, plan.budget_bits, plan.average_bits,
                    {**plan.info, "request": request_to_json(request), "alpha": mix.alpha if mix else None})
     tokens = times.run("calibration data", calibration_tokens, loaded, request, mix)
-    settings = GPTQSettings(act_order=request.act_order)
+    settings = GPTQSettings(act_order=request.act_order, true_sequential=request.true_sequential)
     modules = times.run("quantize", quantize_model, loaded.model, plan, tokens, settings=settings,
                         resume_dir=work_dir / "gptq", on_block=on_block)
     tensors = {k: v for k, v in loaded.model.state_dict().items() if k.rsplit(".", 1)[0] not in modules}
