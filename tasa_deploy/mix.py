@@ -1,0 +1,323 @@
+"""Training-free search for the calibration mixture (TASA stage 1, arXiv 2607.00908).
+
+A candidate mixture D_alpha draws a share `alpha` of its calibration samples from general data D_g
+(default: LAMBADA prose; never the WikiText-2 test text used for perplexity) and 1 - alpha from task data
+D_t (default: GSM8K train + ARC validation). Each candidate on the grid is scored without any training:
+
+(a) Gradient-trace alignment. For every decoder block, the cosine between the gradient of the loss on D_alpha
+    and the gradient of the loss on a held-out task probe set (data role "probe", disjoint from "calib"),
+    taken over the block's linear weights; averaged over blocks. Higher is better.
+    We define the loss on D_alpha as the alpha-weighted mix of the two per-source mean losses,
+    L_alpha = alpha L_gen + (1 - alpha) L_task, i.e. the expected loss under the mixture distribution.
+    Gradients are linear in the loss, so g_alpha = alpha g_gen + (1 - alpha) g_task exactly: ONE backward
+    pass over D_g, one over D_t and one over the probe set serve the whole grid, and each cosine follows
+    from six per-block dot products (see `alignment_over_grid`).
+
+(b) The Hessian-trace proxy f(alpha) = sum over linear inputs of tr(H_test H_alpha^-1), with
+    H_alpha = alpha H_gen + (1 - alpha) H_task the layer-input Gram matrices (GPTQ's H = 2/n X^T X) and
+    H_test the probe set's. Damping adds `damp` times the mean diagonal to H_gen and H_task before mixing,
+    so H_alpha stays affine in alpha and f stays convex (the matrix inverse is operator convex; the paper
+    proves strict convexity: a bias-variance trade-off between task match and sample diversity).
+    q/k/v and gate/up read the same input, so one Gram per vLLM fused group input (qkv, o, gate_up, down)
+    is collected, during the same forward passes as (a). Lower is better. Each term is scale-free (it is
+    K when the distributions match), so terms of different layers add up without normalization.
+
+Choice of alpha*: the two scores live on incomparable scales (a cosine vs. a trace in [K, inf)), so each is
+standardized over the grid and combined = z(alignment) - z(log f); alpha* = argmax combined (ties: the first
+candidate in grid order). log f because f is a ratio of curvatures that grows multiplicatively toward a
+mismatched endpoint. Every score is kept in the returned `CalibrationMix`, so the choice is auditable.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from tasa_deploy import TasaError, UsageError
+from tasa_deploy.artifacts import CalibrationMix, MixScore
+from tasa_deploy.capture import linear_input_hooks
+from tasa_deploy.model import FUSED_GROUPS, block_prefix, decoder_blocks, model_fingerprint, quantizable_modules
+from tasa_deploy.quant.gptq import accumulate_hessian, make_empty_hessian
+
+DEFAULT_TASKS = ("gsm8k", "arc_easy", "arc_challenge")
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+COMBINATION = "z(grad_alignment) - z(log hessian_trace), argmax; ties -> first in grid order"
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """What one gradient pass over a token set yields."""
+
+    block_grads: tuple[torch.Tensor, ...]  # per decoder block: its linear-weight gradients, flattened [P_b]
+    grams: dict[str, torch.Tensor]  # per fused-group input, e.g. "model.layers.0.qkv": H = 2/n X^T X [K, K]
+    loss: float  # mean next-token NLL over the set
+    tokens: int  # tokens whose inputs went into the Gram matrices
+
+
+# ----------------------------------------------------------------------------------------- validation
+def check_mix_inputs(general: str, tasks: Sequence[str], alphas: Sequence[float], n_samples: int = 1,
+                     seq_len: int = 2, known: Iterable[str] | None = None) -> None:
+    """Raise UsageError (one line) for an unusable mixture search request."""
+    if known is None:
+        from tasa_deploy.data import DATASETS
+        known = DATASETS
+    known = sorted(known)
+    if not tasks:
+        raise UsageError(f"no task data given; pass at least one task source (one of: {', '.join(known)})")
+    for name in (general, *tasks):
+        if name not in known:
+            raise UsageError(f"unknown data source '{name}'; choose from: {', '.join(known)}")
+    if len(set(tasks)) != len(tasks):
+        raise UsageError(f"task sources are repeated in {list(tasks)}; list each task once")
+    if not alphas:
+        raise UsageError("the alpha grid is empty; pass at least one alpha in [0, 1]")
+    bad = [a for a in alphas if not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0)]
+    if bad:
+        raise UsageError(f"alphas must lie in [0, 1] (alpha = share of general data); got {bad}")
+    if len(set(alphas)) != len(alphas):
+        raise UsageError(f"the alpha grid {list(alphas)} repeats a value; list each alpha once")
+    if n_samples < 1 or seq_len < 2:
+        raise UsageError(f"need n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
+
+
+# ----------------------------------------------------------------------------------------- one pass
+def group_inputs(model: nn.Module) -> dict[str, nn.Linear]:
+    """One linear per distinct layer input: the first member of each fused group, keyed by unit name."""
+    modules = quantizable_modules(model)
+    inputs = {}
+    for index in range(len(decoder_blocks(model))):
+        prefix = block_prefix(model, index)
+        for group, members in FUSED_GROUPS.items():
+            inputs[f"{prefix}.{group}"] = modules[f"{prefix}.{members[0]}"]
+    return inputs
+
+
+def block_weight_params(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Per decoder block, the weights of its quantizable linears (in execution order)."""
+    modules = quantizable_modules(model)
+    blocks = []
+    for index in range(len(decoder_blocks(model))):
+        prefix = block_prefix(model, index)
+        blocks.append([m.weight for name, m in modules.items() if name.startswith(prefix + ".")])
+    return blocks
+
+
+def measure_source(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4) -> SourceStats:
+    """Gradient of the mean next-token NLL on `tokens` [n, T] w.r.t. every block's linear weights, and the
+    Gram matrix of every fused-group input, from the same forward passes (micro-batches of `batch_size`)."""
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise UsageError(f"need a token batch [n >= 1, T >= 2]; got shape {tuple(tokens.shape)}")
+    blocks = block_weight_params(model)
+    grams: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def fold(name: str, x: torch.Tensor) -> None:
+        hessian, seen = grams.get(name) or (make_empty_hessian(x.shape[-1]), 0)
+        grams[name] = accumulate_hessian(hessian, seen, x)
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    wanted = {id(p) for params in blocks for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+        p.grad = None
+    total_loss = 0.0
+    try:
+        with torch.enable_grad(), linear_input_hooks(group_inputs(model), fold):
+            for start in range(0, tokens.shape[0], batch_size):
+                chunk = tokens[start:start + batch_size]  # [b, T]
+                share = chunk.shape[0] / tokens.shape[0]  # equal T: chunk means weighted by rows = overall mean
+                loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
+                (loss * share).backward()
+                total_loss += loss.item() * share
+        block_grads = tuple(torch.cat([p.grad.reshape(-1) for p in params]) for params in blocks)
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+    n_tokens = next(iter(grams.values()))[1]
+    return SourceStats(block_grads, {name: h for name, (h, _) in grams.items()}, total_loss, n_tokens)
+
+
+# ----------------------------------------------------------------------------------------- (a) alignment
+def mixture_gradient(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """g_alpha = alpha g_gen + (1 - alpha) g_task per block: the gradient of L_alpha (gradients are linear)."""
+    return [alpha * g + (1.0 - alpha) * t for g, t in zip(gen, task)]
+
+
+def alignment_over_grid(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor], probe: Sequence[torch.Tensor],
+                        alphas: Sequence[float]) -> list[float]:
+    """Mean over blocks of cos(g_alpha, g_probe) for each alpha, from six dot products per block:
+    <g_alpha, p> = a<g,p> + b<t,p>,  |g_alpha|^2 = a^2<g,g> + 2ab<g,t> + b^2<t,t>   (a = alpha, b = 1 - alpha)."""
+    dots = []
+    for g, t, p in zip(gen, task, probe):
+        g, t, p = g.double(), t.double(), p.double()  # [P_b]
+        dots.append((g @ g, t @ t, g @ t, g @ p, t @ p, p @ p))
+    scores = []
+    for a in alphas:
+        b = 1.0 - a
+        cosines = []
+        for gg, tt, gt, gp, tp, pp in dots:
+            norm_sq = a * a * gg + 2 * a * b * gt + b * b * tt
+            if norm_sq <= 0 or pp <= 0:
+                raise TasaError(f"zero gradient at alpha={a}: the model's linear weights get no gradient; "
+                                "check that the model is trainable in float32")
+            cosines.append(float((a * gp + b * tp) / torch.sqrt(norm_sq * pp)))
+        scores.append(sum(cosines) / len(cosines))
+    return scores
+
+
+# ----------------------------------------------------------------------------------------- (b) Hessian trace
+def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I in float64 (GPTQ's relative damping)."""
+    h = hessian.double()  # [K, K]
+    return h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+
+
+def trace_of_inverse_product(h_test: torch.Tensor, h_alpha: torch.Tensor, alpha: float) -> float:
+    """tr(H_test H_alpha^-1) via a Cholesky solve (float64; cheaper than forming the inverse)."""
+    chol, info = torch.linalg.cholesky_ex(h_alpha)  # [K, K] lower
+    if int(info) != 0:
+        raise TasaError(f"the mixed Hessian at alpha={alpha} is not positive definite; raise damp")
+    return float(torch.diagonal(torch.cholesky_solve(h_test, chol)).sum())
+
+
+def hessian_trace_proxy(h_test: torch.Tensor, h_gen: torch.Tensor, h_task: torch.Tensor, alpha: float,
+                        damp: float) -> float:
+    """tr(H_test H_alpha^-1) for one linear input, H_alpha = alpha damped(H_gen) + (1-alpha) damped(H_task)."""
+    h_alpha = alpha * damped(h_gen, damp) + (1.0 - alpha) * damped(h_task, damp)  # [K, K]
+    return trace_of_inverse_product(h_test.double(), h_alpha, alpha)
+
+
+def hessian_trace_over_grid(test: dict[str, torch.Tensor], gen: dict[str, torch.Tensor],
+                            task: dict[str, torch.Tensor], alphas: Sequence[float], damp: float) -> list[float]:
+    """f(alpha) = sum over linear inputs of tr(H_test H_alpha^-1), for each alpha (one unit at a time, so
+    only one set of float64 copies is alive)."""
+    if damp <= 0:
+        raise UsageError(f"damp must be > 0 (got {damp}); H_gen or H_task alone may be singular")
+    missing = sorted(set(test) ^ set(gen) | set(test) ^ set(task))
+    if missing:
+        raise TasaError(f"Gram matrices do not cover the same linear inputs: {missing[:3]}")
+    totals = [0.0] * len(alphas)
+    for name in test:
+        h_test, h_gen, h_task = test[name].double(), damped(gen[name], damp), damped(task[name], damp)
+        for i, a in enumerate(alphas):
+            totals[i] += trace_of_inverse_product(h_test, a * h_gen + (1.0 - a) * h_task, a)
+    return totals
+
+
+# ----------------------------------------------------------------------------------------- combination
+def zscores(values: Sequence[float]) -> list[float]:
+    """(v - mean) / std over the grid (population std); all zeros when the values do not vary."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    if std <= 1e-12 * max(1.0, abs(mean)):
+        return [0.0] * len(values)
+    return [(v - mean) / std for v in values]
+
+
+def combine_scores(alignments: Sequence[float], traces: Sequence[float]) -> list[float]:
+    """combined = z(alignment) - z(log f) over the grid (higher = better)."""
+    return [za - zf for za, zf in zip(zscores(alignments), zscores([math.log(f) for f in traces]))]
+
+
+def score_grid(alphas: Sequence[float], alignments: Sequence[float], traces: Sequence[float]) -> tuple[MixScore, ...]:
+    combined = combine_scores(alignments, traces)
+    return tuple(MixScore(float(a), float(al), float(f), float(c))
+                 for a, al, f, c in zip(alphas, alignments, traces, combined))
+
+
+def choose_alpha(scores: Sequence[MixScore]) -> float:
+    """alpha with the highest combined score; ties go to the first in grid order."""
+    best = max(range(len(scores)), key=lambda i: (scores[i].combined, -i))
+    return scores[best].alpha
+
+
+# ----------------------------------------------------------------------------------------- data + search
+def task_texts(tasks: Sequence[str], role: str) -> list[str]:
+    """The pooled texts of several task sources (data.token_batches shuffles them, seeded). Pooled as the
+    pipeline pools its GPTQ calibration set, so the search scores the D_t that GPTQ will see; tasks weigh
+    by their token counts (GSM8K's train half dominates ARC's validation quarter)."""
+    from tasa_deploy.data import calibration_texts
+
+    pooled = []
+    for task in tasks:
+        texts = calibration_texts(task, role)
+        if not texts:
+            raise UsageError(f"task source '{task}' has no '{role}' texts; pick another task")
+        pooled.extend(texts)
+    return pooled
+
+
+def general_texts(general: str) -> list[str]:
+    from tasa_deploy.data import calibration_texts
+
+    texts = calibration_texts(general, "calib")
+    if not texts:
+        raise UsageError(f"general source '{general}' has no calibration texts; pick another --general")
+    return texts
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[mix] {message}", file=sys.stderr, flush=True)
+
+
+def search_mixture(model, tokenizer, *, general: str = "lambada", tasks: tuple[str, ...] = DEFAULT_TASKS,
+                   alphas=DEFAULT_ALPHAS, n_samples: int = 16, seq_len: int = 256, seed: int = 0,
+                   damp: float = 0.01, progress: bool = True) -> CalibrationMix:
+    """Score every alpha on the grid by gradient alignment and the Hessian-trace proxy; pick alpha*.
+
+    Three gradient passes of `n_samples` x `seq_len` tokens (general calib, task calib, task probe) serve
+    the whole grid; the Gram matrices come from the same passes."""
+    from tasa_deploy.data import token_batches
+
+    alphas = tuple(alphas)
+    tasks = tuple(tasks)
+    check_mix_inputs(general, tasks, alphas, n_samples, seq_len)
+    if damp <= 0:
+        raise UsageError(f"damp must be > 0 (got {damp}); H_gen or H_task alone may be singular")
+    sets = {"general": token_batches(tokenizer, general_texts(general), n_samples, seq_len, seed),
+            "task": token_batches(tokenizer, task_texts(tasks, "calib"), n_samples, seq_len, seed),
+            "probe": token_batches(tokenizer, task_texts(tasks, "probe"), n_samples, seq_len, seed + 1)}
+    stats, seconds = {}, {}
+    for name, tokens in sets.items():
+        start = time.perf_counter()
+        stats[name] = measure_source(model, tokens)
+        seconds[name] = round(time.perf_counter() - start, 2)
+        _say(progress, f"{name}: {tuple(tokens.shape)} tokens, loss {stats[name].loss:.4f}, {seconds[name]} s")
+    start = time.perf_counter()
+    alignments = alignment_over_grid(stats["general"].block_grads, stats["task"].block_grads,
+                                     stats["probe"].block_grads, alphas)
+    traces = hessian_trace_over_grid(stats["probe"].grams, stats["general"].grams, stats["task"].grams,
+                                     alphas, damp)
+    seconds["scores"] = round(time.perf_counter() - start, 2)
+    scores = score_grid(alphas, alignments, traces)
+    chosen = choose_alpha(scores)
+    _say(progress, f"alpha* = {chosen} (share of general data)")
+    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "damp": damp,
+                "combination": COMBINATION, "losses": {k: s.loss for k, s in stats.items()},
+                "seconds": seconds, "linear_inputs": len(stats["probe"].grams)}
+    return CalibrationMix(model_fingerprint(model), chosen, general, tasks, scores, settings)
+
+
+def mixture_token_batches(mix: CalibrationMix, tokenizer, n_samples: int, seq_len: int,
+                          seed: int = 0) -> torch.Tensor:
+    """The calibration set [n, T] GPTQ uses: round(alpha n) general rows first, the rest task rows."""
+    from tasa_deploy.data import mixture_batches
+
+    if n_samples < 1 or seq_len < 2:
+        raise UsageError(f"need n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
+    return mixture_batches(tokenizer, general_texts(mix.general), task_texts(mix.tasks, "calib"), mix.alpha,
+                           n_samples, seq_len, seed)
+
+
+def mix_table_rows(mix: CalibrationMix) -> list[dict]:
+    """One row per candidate alpha for the CLI's table; `chosen` marks alpha*."""
+    return [{"alpha": f"{s.alpha:.2f}", "grad_alignment": f"{s.grad_alignment:.4f}",
+             "hessian_trace": f"{s.hessian_trace:.1f}", "combined": f"{s.combined:+.3f}",
+             "chosen": "*" if s.alpha == mix.alpha else ""} for s in mix.scores]
