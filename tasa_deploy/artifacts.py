@@ -262,7 +262,7 @@ def save_artifact(out_dir: Path, *, base_model_dir: Path, plan: BitPlan, modules
     out_dir = Path(out_dir)
     with atomic_path(out_dir, is_dir=True, force=force) as tmp:
         for item in Path(base_model_dir).iterdir():
-            if item.suffix in (".json", ".txt", ".model") and item.name not in ("quantized.json", "tasa_plan.json"):
+            if item.suffix in (".json", ".txt", ".model", ".jinja") and item.name not in ("quantized.json", "tasa_plan.json"):
                 if not item.name.endswith(".index.json"):
                     shutil.copy2(item, tmp / item.name)
         flat: dict[str, torch.Tensor] = {k: v.contiguous() for k, v in tensors.items()}
