@@ -45,6 +45,7 @@ def atomic_path(final: Path, *, is_dir: bool = False, force: bool = False) -> It
     if final.exists() and not force:
         raise UsageError(f"output {final} already exists; pass --force to overwrite it")
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     else:
@@ -59,6 +60,12 @@ def atomic_path(final: Path, *, is_dir: bool = False, force: bool = False) -> It
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Delete temp files a killed earlier run left beside `final` (our own `.NAME.*.tmp` pattern only)."""
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, obj: Any, *, force: bool = True) -> None:

@@ -99,6 +99,7 @@ def quantize(
     probe_samples: Annotated[int, typer.Option(help="Rows per objective for the sensitivity profile.")] = 16,
     mix_samples: Annotated[int, typer.Option(help="Rows per data source for the mixture search.")] = 8,
     work_dir: Annotated[Optional[Path], typer.Option(help="Stage artifacts (default: OUT.work); reruns resume from it.")] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Quantize with this tasa_plan.json (skips mix/profile/plan).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
     """Run TASA (mix -> profile -> plan -> GPTQ) or a uniform quantization; write a quantized artifact."""
@@ -108,7 +109,8 @@ def quantize(
                               candidates=_ints(candidates), beta=beta, group_size=group_size, symmetric=not asym,
                               quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
                               seed=seed, act_order=act_order, true_sequential=true_sequential,
-                              probe_samples=probe_samples, mix_samples=mix_samples, work_dir=work_dir, force=force)
+                              probe_samples=probe_samples, mix_samples=mix_samples, work_dir=work_dir,
+                              plan_path=plan_file, force=force)
 
     def on_block(index: int, total: int, resumed: bool) -> None:
         console.print(f"  block {index + 1}/{total} {'(resumed from checkpoint)' if resumed else 'quantized'}")
@@ -230,11 +232,19 @@ def evaluate(
     tasks: Annotated[str, typer.Option(help="wikitext2, gsm8k, gsm8k_ll, arc_easy, arc_challenge, hellaswag, piqa")] = "wikitext2",
     limit: Annotated[Optional[int], typer.Option(help="Items per task (windows for wikitext2).")] = None,
     backend: Annotated[str, typer.Option(help="torch (dequantized weights) | triton (packed kernels, CUDA).")] = "torch",
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw/ and gsm8k/ (default: ../shared/data).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write results as JSON.")] = None,
 ) -> None:
     """Evaluate a model or a quantized artifact on perplexity and task accuracy."""
+    import os
+
     from tasa_deploy.eval import EVALS
     from tasa_deploy.model import load_any
+
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise UsageError(f"--data-dir {data_dir} does not exist; point it at a folder with wikitext-2-raw/ and gsm8k/")
+        os.environ["TASA_DATA_DIR"] = str(data_dir)
 
     unknown = [t for t in _csv(tasks) if t not in EVALS]
     if unknown:

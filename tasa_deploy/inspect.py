@@ -67,7 +67,7 @@ def _describe_gguf(path: Path) -> list[Section]:
 
     try:
         reader = GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as exc:
+    except Exception as exc:  # GGUFReader raises assorted errors on truncated/corrupt files
         raise UsageError(f"{path} is not a readable GGUF file ({exc}); it may be truncated") from None
     counts = Counter(t.tensor_type.name for t in reader.tensors)
     arch = reader.fields.get("general.architecture")

@@ -156,7 +156,11 @@ def load_model(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read the model config of {source}: {str(exc).splitlines()[0]}") from None
     check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    try:  # safetensors only: never unpickle a checkpoint
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    except OSError as exc:
+        raise UsageError(f"cannot load weights of {source}: {str(exc).splitlines()[0]} "
+                         "(tasa-deploy reads safetensors or GGUF only, never pickled .bin files)") from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model.eval()
     return LoadedModel(model, tokenizer, Path(model_dir), source)

@@ -56,6 +56,7 @@ class QuantizeRequest:
     seed: int = 0
     act_order: bool = False
     work_dir: Path | None = None
+    plan_path: Path | None = None  # quantize with this tasa_plan.json instead of running mix/profile/plan
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -135,7 +136,8 @@ def settings_match(saved: dict, wanted: dict) -> bool:
 
 
 def request_to_json(request: QuantizeRequest) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(request).items()}
+    """The request as stored in the plan: output locations left out so identical runs give identical files."""
+    return {k: v for k, v in asdict(request).items() if k not in ("out", "work_dir", "force", "plan_path")}
 
 
 def copy_stage_files(work_dir: Path, out_dir: Path, names: tuple[str, ...] = ("mix.json", "profile.json")) -> None:
@@ -219,10 +221,11 @@ def calibration_tokens(loaded: LoadedModel, request: QuantizeRequest, mix: Calib
 def _check_resources(request: QuantizeRequest) -> None:
     from transformers import AutoConfig
 
-    from tasa_deploy.model import resolve_model_dir
+    from tasa_deploy.model import check_architecture, resolve_model_dir
     from tasa_deploy.resources import check_memory, estimate_quantize_memory
 
     config = AutoConfig.from_pretrained(resolve_model_dir(request.model))
+    check_architecture(config)
     check_memory(estimate_quantize_memory(getattr(config, "text_config", config), request.calib_samples,
                                           request.seq_len))
 
@@ -237,10 +240,15 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     _check_resources(request)
     loaded = times.run("load", load_model, request.model)
     fingerprint = times.run("fingerprint", model_fingerprint, loaded.model)
-    work_dir = request.resolved_work_dir
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = request.resolved_work_dir  # created only once there is something to keep in it
     mix = None
-    if request.method == "tasa":
+    if request.plan_path is not None:
+        plan = BitPlan.load(request.plan_path)
+        plan.check_model(fingerprint, request.plan_path)
+        if (work_dir / "mix.json").is_file():
+            mix = CalibrationMix.load(work_dir / "mix.json")
+    elif request.method == "tasa":
+        work_dir.mkdir(parents=True, exist_ok=True)
         mix = times.run("mix", stage_mix, loaded, fingerprint, request, work_dir, log)
         profile = times.run("profile", stage_profile, loaded, fingerprint, request, work_dir, log)
         plan = times.run("plan", stage_plan, profile, request, work_dir)

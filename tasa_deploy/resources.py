@@ -7,6 +7,7 @@ block, and the attention scores of one forward batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from tasa_deploy import TasaError
@@ -42,7 +43,13 @@ def estimate_quantize_memory(config, n_rows: int, seq_len: int, batch_size: int 
 
 
 def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); a large number where it cannot be read."""
+    """MemAvailable from /proc/meminfo (bytes), capped by $TASA_MEMORY_LIMIT_GB when set."""
+    limit = os.environ.get("TASA_MEMORY_LIMIT_GB")
+    cap = int(float(limit) * GIB) if limit else 1 << 62
+    return min(cap, _meminfo_available())
+
+
+def _meminfo_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

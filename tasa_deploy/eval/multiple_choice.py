@@ -1,0 +1,116 @@
+"""Zero-shot multiple-choice accuracy by log-likelihood (ARC-Easy, ARC-Challenge, HellaSwag, PIQA).
+
+Each choice is scored as the continuation " " + choice after the row's query (lm-eval-harness convention):
+context ids = tokenizer(query) with the tokenizer's default special tokens, continuation ids =
+tokenizer(" " + choice) without them, so the scored tokens are exactly the choice's.
+acc picks the choice with the largest summed log-likelihood; acc_norm divides each sum by the number of
+characters of its continuation (" " + choice), as lm-eval's acc_norm does, which removes the bias toward
+short answers. The forwards are batched over (row, choice) pairs sorted by length.
+`choice_nll` turns the same log-likelihoods into a loss (softmax over choices) for sensitivity profiling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tasa_deploy import UsageError
+from tasa_deploy.eval.perplexity import model_device, track
+
+MC_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa")
+
+
+@dataclass(frozen=True)
+class MCResult:
+    task: str
+    acc: float  # by summed log-likelihood
+    acc_norm: float  # by log-likelihood per character of the continuation
+    n: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _pad_right(sequences: list[list[int]]) -> torch.Tensor:
+    """Right-pad with id 0: causal attention never lets a real position see the padding after it."""
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [0] * (width - len(s)) for s in sequences], dtype=torch.int64)  # [B, width]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each continuation given its context: one 1-D tensor per (ctx, cont).
+
+    Contexts must be non-empty (the first continuation token needs a predecessor).
+    """
+    if any(len(ctx) == 0 or len(cont) == 0 for ctx, cont in pairs):
+        raise UsageError("every context and continuation must hold at least one token")
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    results: list[torch.Tensor | None] = [None] * len(pairs)
+    device = model_device(model)
+    for start in track(range(0, len(order), batch_size), "log-likelihood", total=-(-len(order) // batch_size)):
+        chunk = order[start:start + batch_size]
+        inputs = _pad_right([(pairs[i][0] + pairs[i][1])[:-1] for i in chunk]).to(device)  # [B, width]
+        logits = model(input_ids=inputs).logits  # [B, width, V]
+        for row, i in enumerate(chunk):
+            ctx, cont = pairs[i]
+            positions = slice(len(ctx) - 1, len(ctx) - 1 + len(cont))
+            logprobs = F.log_softmax(logits[row, positions].float(), dim=-1)  # [len(cont), V]
+            target = torch.tensor(cont, device=device)
+            results[i] = logprobs.gather(1, target[:, None])[:, 0].cpu()  # [len(cont)]
+    return results
+
+
+def choice_pairs(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) for every choice of every row, rows in order, choices in order."""
+    pairs = []
+    for row in rows:
+        ctx = tokenizer(row["query"])["input_ids"]
+        pairs += [(ctx, tokenizer(" " + choice, add_special_tokens=False)["input_ids"]) for choice in row["choices"]]
+    return pairs
+
+
+def choice_loglikelihoods(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[torch.Tensor]:
+    """Summed log-likelihood of each choice: one [n_choices] float64 tensor per row."""
+    logprobs = continuation_logprobs(model, choice_pairs(tokenizer, rows), batch_size)
+    sums, k = [], 0
+    for row in rows:
+        n = len(row["choices"])
+        sums.append(torch.tensor([lp.double().sum().item() for lp in logprobs[k:k + n]]))  # [n_choices]
+        k += n
+    return sums
+
+
+def score_rows(rows: list[dict], loglikelihoods: list[torch.Tensor]) -> tuple[float, float]:
+    """(acc, acc_norm) of rows given their per-choice summed log-likelihoods."""
+    correct = correct_norm = 0
+    for row, ll in zip(rows, loglikelihoods):
+        chars = torch.tensor([len(" " + c) for c in row["choices"]], dtype=torch.float64)  # [n_choices]
+        correct += int(ll.argmax()) == row["label"]
+        correct_norm += int((ll / chars).argmax()) == row["label"]
+    return correct / len(rows), correct_norm / len(rows)
+
+
+def evaluate_multiple_choice(model, tokenizer, task: str, limit: int | None = None, rows=None,
+                             batch_size: int = 16) -> MCResult:
+    """acc / acc_norm of `model` on `rows` (default: the first `limit` eval rows of `task`)."""
+    if rows is None:
+        if task not in MC_TASKS:
+            raise UsageError(f"unknown multiple-choice task '{task}'; use one of {', '.join(MC_TASKS)}")
+        from tasa_deploy.data import load_rows
+
+        rows = load_rows(task, "eval", limit)
+    rows = list(rows)[:limit]
+    if not rows:
+        raise UsageError(f"no rows to evaluate for {task}")
+    acc, acc_norm = score_rows(rows, choice_loglikelihoods(model, tokenizer, rows, batch_size))
+    return MCResult(task=task, acc=acc, acc_norm=acc_norm, n=len(rows))
+
+
+def choice_nll(model, tokenizer, rows: list[dict]) -> float:
+    """Mean over rows of -log softmax(summed choice log-likelihoods)[label]: a task loss for profiling."""
+    loglikelihoods = choice_loglikelihoods(model, tokenizer, rows)
+    losses = [-torch.log_softmax(ll, dim=0)[row["label"]].item() for row, ll in zip(rows, loglikelihoods)]
+    return sum(losses) / len(losses)
