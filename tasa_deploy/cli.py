@@ -117,6 +117,10 @@ def quantize(
 
     path, summary = run_quantize(request, log=lambda m: console.print(m), on_block=on_block)
     _print_plan_summary(summary["plan"])
+    if "kendall_tau" in summary:
+        out_console.print(_table("Kendall tau between objectives", [{"pair": k, "tau": float(v)} for k, v in summary["kendall_tau"].items()]))
+        out_console.print(_table("top-5 layers", [{"objective": k, "layers": str(v)} for k, v in summary["top_layers"].items()]))
+        out_console.print(f"calibration mix: alpha = {summary['alpha']} (share of general data)")
     out_console.print(_table("stage wall time (s)", [summary["stage_seconds"]]))
     out_console.print(f"wrote {path}")
 

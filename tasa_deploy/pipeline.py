@@ -140,7 +140,8 @@ def request_to_json(request: QuantizeRequest) -> dict:
     return {k: v for k, v in asdict(request).items() if k not in ("out", "work_dir", "force", "plan_path")}
 
 
-def copy_stage_files(work_dir: Path, out_dir: Path, names: tuple[str, ...] = ("mix.json", "profile.json")) -> None:
+def copy_stage_files(work_dir: Path, out_dir: Path,
+                     names: tuple[str, ...] = ("mix.json", "profile.json", "tasa_plan.png")) -> None:
     for name in names:
         if (work_dir / name).is_file():
             shutil.copy2(work_dir / name, out_dir / name)
@@ -200,6 +201,7 @@ def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: 
     plan = plan_stage.build_plan(profile, request.bits, target=request.target, beta=request.beta,
                                  candidates=request.candidates)
     plan.save(work_dir / "tasa_plan.json")
+    plan_stage.save_plan_plot(profile, plan, work_dir / "tasa_plan.png")
     return plan
 
 
@@ -267,7 +269,13 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
               tensors=tensors, force=request.force)
     copy_stage_files(work_dir, request.out)
-    return request.out, {"stage_seconds": times.seconds, "plan": plan, "alpha": mix.alpha if mix else None}
+    summary = {"stage_seconds": times.seconds, "plan": plan, "alpha": mix.alpha if mix else None}
+    if request.method == "tasa" and request.plan_path is None:
+        from tasa_deploy import plan as plan_stage
+
+        summary["kendall_tau"] = {f"{a} vs {b}": t for (a, b), t in plan_stage.kendall_tau_matrix(profile).items()}
+        summary["top_layers"] = {k: list(v) for k, v in plan_stage.top_layers(profile, 5).items()}
+    return request.out, summary
 
 
 __all__ = ["run_quantize", "QuantizeRequest", "StageTimes", "uniform_plan", "gguf_type_for", "settings_match", "LoadedModel",
