@@ -14,7 +14,7 @@ VERSION=11434.0.0
 CACHE="${TASA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tasa-deploy}"
 ROOT="$CACHE/llama.cpp-$VERSION"
 BIN="$ROOT/build/bin"
-TOOLS=(llama-quantize llama-perplexity llama-bench llama-imatrix llama-completion llama-simple)
+TOOLS=(llama-quantize llama-perplexity llama-bench llama-imatrix llama-completion llama-simple llama-tokenize)
 have_all() { for t in "${TOOLS[@]}"; do [[ -x "$BIN/$t" ]] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi
 mkdir -p "$ROOT"
