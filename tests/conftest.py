@@ -1,8 +1,15 @@
 """Shared fixtures: the real SmolLM2-135M (loaded once per session) and paths to the shared data."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on the CPU; this must be set before anything imports triton
+    # (transformers may), so it lives here rather than in tests/test_kernels.py.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(REPO.parent / "shared" / "data")
