@@ -186,7 +186,8 @@ def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeReques
     wanted = profile_stage.profile_settings(**kwargs)
     if path.is_file():
         saved = SensitivityProfile.load(path)
-        if saved.model_fingerprint == fingerprint and settings_match(saved.settings, wanted):
+        saved_settings = {k: v for k, v in saved.settings.items() if k not in ("settings_hash", "probe_data")}
+        if saved.model_fingerprint == fingerprint and settings_match(saved_settings, wanted):
             log(f"reusing {path}")
             return saved
     profile = profile_stage.measure_profile(loaded.model, loaded.tokenizer, partial_path=work_dir / "profile.partial.json",

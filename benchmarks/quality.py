@@ -1,0 +1,367 @@
+"""Quality table for TASA (arXiv 2607.00908) against uniform RTN/GPTQ and llama.cpp's own k-quants
+-> benchmarks/results/quality.{json,md,png}.
+
+Every row is built once into a cache OUTSIDE the repo ($TASA_CACHE/bench/quality, default
+~/.cache/tasa-deploy/bench/quality) and its evaluation is cached per (row, eval settings), so a rerun resumes
+where it stopped. Rows (see ROWS): `fp` (the dequantized base), uniform int-g128 RTN / GPTQ at 3 and 4 bits,
+TASA at 3.0 / 3.5 / 4.0 average bits (candidates {3,4,8}; ONE mix.json + profile.json shared by every budget
+through one pipeline work dir), three TASA-3.5 ablations (perplexity objective only, alpha=0 task-only
+calibration, alpha=1 general-only calibration), and llama-quantize Q3_K_M / Q4_K_M from an F16 GGUF of the
+same base, with and without an importance matrix computed on the same calibration mixture.
+
+Columns: bpw (our rows: tasa_deploy.bits over the plan; GGUF rows: stored bits / weights over the file's
+quantized blk.* tensors), wikitext_ppl (our "standard" protocol, PyTorch), wikitext_ppl_llamacpp (llama.cpp's
+protocol: our rows scored with tasa_deploy.eval.perplexity protocol="llamacpp" on the raw file, GGUF rows by
+the real llama-perplexity), gsm8k (few-shot exact match), gsm8k_ll (mean per-token log-likelihood of the
+reference solution, higher is better), arc_easy / arc_challenge / hellaswag / piqa (acc_norm), task_score =
+mean of the five task accuracies. GGUF task cells come from our evaluator on the GGUF's own dequantized
+weights (transformers' GGUF reader), since llama.cpp here has no logits API (no llama-server, no
+llama-cpp-python).
+
+Usage: python benchmarks/quality.py --model smollm2-135m [--quick] [--rows a,b] [--limit N] [--tiny-quant]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tasa_deploy import UsageError  # noqa: E402
+from tasa_deploy.artifacts import read_json, write_json_atomic  # noqa: E402
+from tasa_deploy.model import cache_root  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+TASKS = ("gsm8k", "arc_easy", "arc_challenge", "hellaswag", "piqa")  # task_score = mean of these accuracies
+ALL_ROWS = ("fp", "uniform3-rtn", "uniform4-rtn", "uniform3-gptq", "uniform4-gptq", "tasa-3.0", "tasa-3.5",
+            "tasa-4.0", "tasa-3.5-pplonly", "tasa-3.5-taskonly", "tasa-3.5-generalonly", "llamacpp-q3_k_m",
+            "llamacpp-q3_k_m-imatrix", "llamacpp-q4_k_m", "llamacpp-q4_k_m-imatrix")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How much of each eval to run (None = the whole eval split)."""
+
+    wikitext_windows: int | None = 40  # windows of 512 tokens, both protocols
+    mc_items: int | None = 500  # rows per multiple-choice task
+    gsm8k_items: int | None = 50  # few-shot generations
+    gsm8k_ll_items: int | None = 200
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Calibration sizes handed to every `tasa-deploy quantize` of the table (QuantizeRequest fields)."""
+
+    calib_samples: int = 32
+    seq_len: int = 512
+    probe_samples: int = 16
+    mix_samples: int = 8
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+FULL_EVAL = EvalSettings()
+QUICK_EVAL = EvalSettings(wikitext_windows=8, mc_items=50, gsm8k_items=10, gsm8k_ll_items=50)
+TINY_QUANT = QuantSettings(calib_samples=2, seq_len=64, probe_samples=2, mix_samples=2)
+
+
+def limited(settings: EvalSettings, limit: int | None) -> EvalSettings:
+    """--limit N caps every eval at N items (windows for wikitext)."""
+    if limit is None:
+        return settings
+    if limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    cap = lambda v: limit if v is None else min(v, limit)  # noqa: E731
+    return EvalSettings(cap(settings.wikitext_windows), cap(settings.mc_items), cap(settings.gsm8k_items),
+                        cap(settings.gsm8k_ll_items))
+
+
+def parse_rows(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ALL_ROWS
+    rows = tuple(r.strip() for r in text.split(",") if r.strip())
+    unknown = [r for r in rows if r not in ALL_ROWS]
+    if unknown:
+        raise UsageError(f"unknown row '{unknown[0]}'; known rows: {', '.join(ALL_ROWS)}")
+    return rows
+
+
+def bench_root(model: str, quant: QuantSettings) -> Path:
+    root = Path(os.environ.get("TASA_BENCH_CACHE", cache_root() / "bench" / "quality"))
+    return root / f"{Path(model).name}-{quant.key()}"
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_torch(loaded, settings: EvalSettings) -> dict:
+    """Every column of one row with our PyTorch evaluator (dequantized weights)."""
+    from tasa_deploy.data import load_rows, wikitext2_test_text
+    from tasa_deploy.eval import evaluate_perplexity, gsm8k_answer_nll
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    cells = {"wikitext_ppl": evaluate_perplexity(model, tokenizer, wikitext2_test_text(), seq_len=512,
+                                                 max_windows=settings.wikitext_windows).ppl}
+    cells["wikitext_ppl_llamacpp"] = evaluate_perplexity(model, tokenizer, wikitext2_test_text(raw=True), seq_len=512,
+                                                         max_windows=settings.wikitext_windows,
+                                                         protocol="llamacpp").ppl
+    cells.update(evaluate_tasks(model, tokenizer, settings))
+    cells["gsm8k_ll"] = -gsm8k_answer_nll(model, tokenizer, load_rows("gsm8k", "eval", settings.gsm8k_ll_items))
+    return cells
+
+
+def evaluate_tasks(model, tokenizer, settings: EvalSettings) -> dict:
+    from tasa_deploy.eval import evaluate_gsm8k, evaluate_multiple_choice
+
+    cells = {"gsm8k": evaluate_gsm8k(model, tokenizer, limit=settings.gsm8k_items).exact_match}
+    for task in TASKS[1:]:
+        cells[task] = evaluate_multiple_choice(model, tokenizer, task, limit=settings.mc_items).acc_norm
+    return cells
+
+
+def evaluate_gguf(path: Path, settings: EvalSettings, text_file: Path) -> dict:
+    """GGUF row: llama-perplexity in llama.cpp, the rest by our evaluator on the GGUF's dequantized weights."""
+    from tasa_deploy.exporters.llamacpp import llama_perplexity
+    from tasa_deploy.model import load_model
+
+    chunks = settings.wikitext_windows or 10**6  # llama-perplexity stops at the text's end
+    cells = evaluate_torch(load_model(str(path)), settings)
+    cells["wikitext_ppl_llamacpp_torch"] = cells.pop("wikitext_ppl_llamacpp")  # same protocol, PyTorch
+    cells["wikitext_ppl_llamacpp"] = llama_perplexity(path, text_file, ctx=512, chunks=chunks, threads=2)
+    return cells
+
+
+def task_score(cells: dict) -> float | None:
+    values = [cells.get(t) for t in TASKS]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+# ------------------------------------------------------------------------------------------------ building rows
+TASA_BUDGETS = {"tasa-3.0": 3.0, "tasa-3.5": 3.5, "tasa-4.0": 4.0}
+TASA_CANDIDATES = (3, 4, 8)
+ALPHA_ABLATIONS = {"tasa-3.5-taskonly": 0.0, "tasa-3.5-generalonly": 1.0}  # alpha = the GENERAL-data share
+
+
+def quantize_request(name: str, model: str, quant: QuantSettings, root: Path, **fields):
+    from tasa_deploy.pipeline import QuantizeRequest
+
+    return QuantizeRequest(model=model, out=root / "artifacts" / name, candidates=TASA_CANDIDATES, **asdict(quant),
+                           **fields)
+
+
+def run_request(request) -> dict:
+    """Quantize (or reuse the finished artifact); returns the pipeline's stage seconds."""
+    from tasa_deploy.pipeline import run_quantize
+
+    seconds_file = request.out.with_name(request.out.name + ".stage_seconds.json")
+    if (request.out / "quantized.json").is_file():
+        return read_json(seconds_file, "stage seconds") if seconds_file.is_file() else {}
+    _, summary = run_quantize(request, log=lambda m: print(f"  {m}", file=sys.stderr))
+    write_json_atomic(seconds_file, summary["stage_seconds"])
+    return summary["stage_seconds"]
+
+
+def shared_work_dir(model: str, quant: QuantSettings, root: Path) -> Path:
+    """The TASA work dir holding THE mix.json + profile.json every TASA row reuses (made by tasa-3.5)."""
+    work = root / "work-tasa"
+    if not (work / "profile.json").is_file():
+        run_request(quantize_request("tasa-3.5", model, quant, root, bits=3.5, work_dir=work))
+    return work
+
+
+def cheapest_budget(profile_path: Path) -> float:
+    """Average bpw of the all-narrowest plan (int3 + fp16 group scales): the lowest budget a plan can meet.
+
+    A nominal 3.0 budget is below it (scales cost 16/g bits), so tasa-3.0 runs at this budget instead."""
+    from fractions import Fraction
+
+    from tasa_deploy.artifacts import SensitivityProfile
+    from tasa_deploy.bits import exact_bits_per_weight
+    from tasa_deploy.quant.spec import QuantSpec, default_group_size
+
+    units = SensitivityProfile.load(profile_path).units
+    narrowest = min(TASA_CANDIDATES)
+    total = sum(exact_bits_per_weight(QuantSpec(narrowest, default_group_size(u.in_features)), u.in_features)
+                * u.n_weights for u in units)
+    return float(Fraction(total) / sum(u.n_weights for u in units)) + 1e-9
+
+
+def our_row_request(name: str, model: str, quant: QuantSettings, root: Path):
+    """The QuantizeRequest that builds one of our rows (uniform, TASA, or an ablation)."""
+    if name.startswith("uniform"):
+        bits, quantizer = name.removeprefix("uniform").split("-")
+        return quantize_request(name, model, quant, root, bits=int(bits), method="uniform", quantizer=quantizer)
+    work = shared_work_dir(model, quant, root)
+    if name in TASA_BUDGETS:
+        budget = max(TASA_BUDGETS[name], cheapest_budget(work / "profile.json"))
+        return quantize_request(name, model, quant, root, bits=budget, work_dir=work)
+    if name == "tasa-3.5-pplonly":
+        from tasa_deploy.artifacts import SensitivityProfile
+        from tasa_deploy.plan import build_plan
+
+        plan_file = root / "plans" / "tasa-3.5-pplonly.json"
+        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        build_plan(SensitivityProfile.load(work / "profile.json"), 3.5, objectives=("ppl",)).save(plan_file)
+        return quantize_request(name, model, quant, root, bits=3.5, work_dir=work, plan_path=plan_file)
+    alpha_work = root / f"work-alpha{ALPHA_ABLATIONS[name]:g}"
+    alpha_work.mkdir(parents=True, exist_ok=True)
+    for stage_file in ("profile.json", "profile.partial.json"):  # same profile, other calibration mix; the
+        if (work / stage_file).is_file():  # partial state lets measure_profile resume instead of re-measuring
+            shutil.copy2(work / stage_file, alpha_work / stage_file)
+    return quantize_request(name, model, quant, root, bits=3.5, work_dir=alpha_work, alpha=ALPHA_ABLATIONS[name])
+
+
+def build_our_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
+    from tasa_deploy.artifacts import load_artifact
+    from tasa_deploy.bits import plan_average_bits
+
+    start = time.perf_counter()
+    request = our_row_request(name, model, quant, root)
+    stage_seconds = run_request(request)
+    artifact = load_artifact(request.out)
+    shapes = {module: qt.shape for module, qt in artifact.modules.items()}
+    return request.out, {"bpw": plan_average_bits(artifact.plan, shapes), "stage_seconds": stage_seconds,
+                         "build_seconds": round(time.perf_counter() - start, 1),
+                         "alpha": artifact.plan.info.get("alpha"), "budget_bits": artifact.plan.budget_bits}
+
+
+def gguf_bits_per_weight(path: Path) -> float:
+    """Stored bits / weights over the quantized linears (2-D blk.* tensors) of a GGUF file."""
+    import gguf
+
+    tensors = [t for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return sum(int(t.n_bytes) * 8 for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def calibration_mixture_tokens(model: str, quant: QuantSettings, root: Path):
+    """[n, T] rows of the TASA calibration mixture (the shared mix.json), as GPTQ sees them."""
+    from tasa_deploy import pipeline
+    from tasa_deploy.model import load_model, model_fingerprint
+
+    request = quantize_request("tasa-3.5", model, quant, root, bits=3.5, work_dir=root / "work-tasa")
+    loaded = load_model(model)
+    request.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    mix = pipeline.stage_mix(loaded, model_fingerprint(loaded.model), request, request.resolved_work_dir,
+                             lambda m: print(f"  {m}", file=sys.stderr))
+    return pipeline.calibration_tokens(loaded, request, mix)
+
+
+def build_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
+    """llama-quantize Q3_K_M / Q4_K_M (embeddings kept f16) from an F16 GGUF of the same base."""
+    from tasa_deploy.artifacts import atomic_path
+    from tasa_deploy.exporters.gguf import export_dense_gguf
+    from tasa_deploy.exporters.llamacpp import imatrix_for_model, llama_quantize
+    from tasa_deploy.model import resolve_model_dir
+
+    start = time.perf_counter()
+    folder = root / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}.gguf"
+    if not out.is_file():
+        base = folder / "base-f16.gguf"
+        if not base.is_file():
+            export_dense_gguf(Path(resolve_model_dir(model)), base, dtype="f16")
+        imatrix = None
+        if name.endswith("-imatrix"):
+            imatrix = folder / "imatrix-mix.gguf"
+            if not imatrix.is_file():
+                tokens = calibration_mixture_tokens(model, quant, root)
+                with atomic_path(imatrix) as tmp:
+                    imatrix_for_model(Path(resolve_model_dir(model)), tokens, tmp)
+        ftype = name.removeprefix("llamacpp-").removesuffix("-imatrix").upper()
+        with atomic_path(out) as tmp:
+            llama_quantize(base, tmp, ftype, imatrix=imatrix, embedding_type="f16")
+    return out, {"bpw": gguf_bits_per_weight(out), "build_seconds": round(time.perf_counter() - start, 1),
+                 "file_bytes": out.stat().st_size}
+
+
+# ------------------------------------------------------------------------------------------------ one row
+def build_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path | None, dict]:
+    """The row's model (artifact dir, GGUF file, or None for `fp`) and build info (bpw, seconds)."""
+    if name == "fp":
+        return None, {"bpw": 16.0, "build_seconds": 0.0, "note": "dequantized base; bpw of an f16 file"}
+    if name.startswith("llamacpp-"):
+        return build_gguf_row(name, model, quant, root)
+    return build_our_row(name, model, quant, root)
+
+
+def run_row(name: str, model: str, quant: QuantSettings, settings: EvalSettings, root: Path, text_file: Path) -> dict:
+    """Build + evaluate one row, resuming from its cached result."""
+    from tasa_deploy.model import load_any
+
+    cache = root / "results" / f"{name}-{settings.key()}.json"
+    if cache.is_file():
+        print(f"[{name}] cached: {cache}", file=sys.stderr)
+        return read_json(cache, "cached benchmark row")
+    start = time.perf_counter()
+    target, info = build_row(name, model, quant, root)
+    eval_start = time.perf_counter()
+    if target is not None and target.suffix == ".gguf":
+        cells = evaluate_gguf(target, settings, text_file)
+    else:
+        cells = evaluate_torch(load_any(str(target) if target else model), settings)
+    row = {"name": name, "bpw": info.pop("bpw"), **cells, "task_score": task_score(cells),
+           "eval_seconds": round(time.perf_counter() - eval_start, 1),
+           "wall_seconds": round(time.perf_counter() - start, 1), **info}
+    write_json_atomic(cache, row)
+    print(f"[{name}] done in {row['wall_seconds']} s", file=sys.stderr)
+    return row
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quick", action="store_true", help="small eval limits (8 windows, 50 items, 10 gens)")
+    parser.add_argument("--rows", default=None, help=f"comma-separated subset of: {','.join(ALL_ROWS)}")
+    parser.add_argument("--limit", type=int, default=None, help="cap every eval at N items / windows")
+    parser.add_argument("--tiny-quant", action="store_true", help="2 calibration rows of 64 tokens (smoke test)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    from plot_quality import write_reports
+
+    rows = parse_rows(args.rows)
+    settings = limited(QUICK_EVAL if args.quick else FULL_EVAL, args.limit)
+    quant = TINY_QUANT if args.tiny_quant else QuantSettings()
+    root = bench_root(args.model, quant)
+    text_file = root / "wiki.test.raw"
+    if not text_file.is_file():
+        from tasa_deploy.data import wikitext2_test_text
+
+        root.mkdir(parents=True, exist_ok=True)
+        text_file.write_text(wikitext2_test_text(raw=True), encoding="utf-8")
+    results = [run_row(name, args.model, quant, settings, root, text_file) for name in rows]
+    report = {"model": args.model, "machine": machine(), "date": datetime.date.today().isoformat(),
+              "settings": {"eval": asdict(settings), "quant": asdict(quant), "quick": args.quick,
+                           "cache": str(root)}, "rows": results}
+    write_reports(report, args.out_dir)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
