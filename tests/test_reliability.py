@@ -134,7 +134,10 @@ def test_identical_runs_are_byte_identical(tiny_model_dir, tmp_path):
         assert invoke(*args).exit_code == 0
         plan_out = tmp_path / run / "plan.json"
         assert invoke("plan", "--profile", _saved_profile(tmp_path / run), "--bits", "4.5", "--out", plan_out).exit_code == 0
-        outputs.append([_digest(out / "model.safetensors"), _digest(out / "tasa_plan.json"), _digest(plan_out)])
+        gguf_out = tmp_path / run / "model.gguf"
+        assert invoke("export", out, "--format", "gguf", "--out", gguf_out).exit_code == 0
+        outputs.append([_digest(out / "model.safetensors"), _digest(out / "tasa_plan.json"), _digest(plan_out),
+                        _digest(gguf_out)])
     assert outputs[0] == outputs[1]
 
 
