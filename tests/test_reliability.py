@@ -163,3 +163,32 @@ def test_memory_is_checked_up_front(tiny_model_dir, tmp_path, monkeypatch):
     result = invoke("quantize", "--model", tiny_model_dir, "--method", "uniform", "--bits", "4", "--out", out)
     assert result.exit_code == 1 and "needs about" in result.output and "GiB" in result.output
     assert not out.exists()
+
+
+def test_killed_quantize_resumes_byte_identical(tmp_path, smollm2):
+    """SIGKILL `tasa-deploy quantize` after its 2nd GPTQ block; the rerun says it resumed and its artifact is
+    byte-identical to an uninterrupted run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(smollm2.tokenizer), tie_word_embeddings=True)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    smollm2.tokenizer.save_pretrained(model_dir)
+    base = [sys.executable, "-m", "tasa_deploy.cli", "quantize", "--model", str(model_dir), "--method", "uniform",
+            "--bits", "3", "--calib-samples", "16", "--seq-len", "128"]
+    reference = tmp_path / "reference"
+    subprocess.run([*base, "--out", str(reference)], check=True, capture_output=True)
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([*base, "--out", str(out)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if "block 2/8" in line:
+            proc.kill()
+            break
+    proc.wait()
+    assert not out.exists()
+    rerun = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True, check=True)
+    assert "resumed from checkpoint" in rerun.stderr
+    assert _digest(out / "model.safetensors") == _digest(reference / "model.safetensors")
