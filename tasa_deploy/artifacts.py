@@ -54,6 +54,9 @@ def atomic_path(final: Path, *, is_dir: bool = False, force: bool = False) -> It
         tmp = Path(name)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~umask)  # mkstemp/mkdtemp create private files
         if final.exists():
             shutil.rmtree(final) if final.is_dir() else final.unlink()
         os.replace(tmp, final)
