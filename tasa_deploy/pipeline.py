@@ -208,17 +208,13 @@ def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: 
 
 def calibration_tokens(loaded: LoadedModel, request: QuantizeRequest, mix: CalibrationMix | None) -> torch.Tensor:
     """[n, T] calibration rows: the chosen mixture (TASA) or general-only data (uniform, unless --alpha)."""
-    from tasa_deploy import data
     from tasa_deploy import mix as mix_stage
 
-    if mix is not None:
-        return mix_stage.mixture_token_batches(mix, loaded.tokenizer, request.calib_samples, request.seq_len,
-                                               request.seed)
-    alpha = 1.0 if request.alpha is None else request.alpha
-    general = data.calibration_texts(request.general, "calib")
-    task = [t for source in request.task_sources for t in data.calibration_texts(source, "calib")]
-    return data.mixture_batches(loaded.tokenizer, general, task, alpha, request.calib_samples, request.seq_len,
-                                request.seed)
+    if mix is None:  # no search: a fixed mixture, same sampling code as the searched one
+        alpha = 1.0 if request.alpha is None else request.alpha
+        mix = CalibrationMix("", alpha, request.general, request.task_sources, ())
+    return mix_stage.mixture_token_batches(mix, loaded.tokenizer, request.calib_samples, request.seq_len,
+                                           request.seed)
 
 
 def _check_resources(request: QuantizeRequest) -> None:

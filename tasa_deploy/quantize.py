@@ -26,7 +26,7 @@ from torch import nn
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import BitPlan, atomic_path
 from tasa_deploy.capture import BlockInputs, capture_first_block_inputs, linear_input_hooks, run_block
-from tasa_deploy.model import FUSED_GROUPS, block_linears, block_prefix, decoder_blocks
+from tasa_deploy.model import FUSED_GROUPS, block_linears, block_prefix, decoder_blocks, quantizable_modules
 from tasa_deploy.quant import QuantizedTensor, accumulate_hessian, make_empty_hessian, quantize_rtn, quantize_weight
 
 BlockCallback = Callable[[int, int, bool], None]  # (block index, total blocks, resumed?) -> None
@@ -121,8 +121,7 @@ def _apply(block: nn.Module, prefix: str, tensors: dict[str, QuantizedTensor]) -
 
 
 def _check_plan_covers_model(model: nn.Module, plan: BitPlan) -> None:
-    names = {f"{block_prefix(model, i)}.{n}" for i in range(len(decoder_blocks(model))) for n in block_linears(decoder_blocks(model)[i])}
-    unknown = sorted(set(plan.modules) - names)
+    unknown = sorted(set(plan.modules) - set(quantizable_modules(model)))
     if unknown:
         raise UsageError(f"plan names modules this model does not have (e.g. {unknown[0]}); "
                          "was it made for another model?")

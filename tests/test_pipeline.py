@@ -17,9 +17,6 @@ runner = CliRunner()
 
 
 def invoke(*args):
-    from tasa_deploy.cli import run
-    import sys
-
     return runner.invoke(app, list(args), catch_exceptions=True)
 
 
