@@ -22,8 +22,9 @@ def caption(report: dict) -> str:
     ev = report["settings"]["eval"]
     return (
         f"Model {report['model']} on {report['machine']['cpus']} CPUs, {report['date']}. "
-        "SmolLM2's base weights came from a Q4_1 GGUF, so 4-bit requantization is nearly lossless and 3-bit is "
-        "the informative regime. bpw: our rows from tasa_deploy.bits over the quantized linears (codes + fp16 "
+        "SmolLM2's base weights came from a Q4_1 GGUF, so 3-bit is the informative regime; 4-bit requantization "
+        "is lossless only onto that same Q4_1 grid (our Q4_1 packer reproduces the weights exactly) — symmetric "
+        "int4 g64 RTN of them still has ~11% relative weight error. bpw: our rows from tasa_deploy.bits over the quantized linears (codes + fp16 "
         "group scales), GGUF rows = stored bits / weights over the file's blk.* linears (SmolLM2's K=576 rows are "
         "not a multiple of 256, so llama-quantize falls back to larger block-32 types for those tensors); "
         "`fp` is the dequantized base counted as f16. tasa-3.0 runs at the cheapest feasible budget (every unit "
@@ -31,12 +32,15 @@ def caption(report: dict) -> str:
         f"512-token windows, {ev['wikitext_windows'] or 'all'} windows, PyTorch). wikitext_ppl_llamacpp: "
         "llama.cpp's protocol (second half of each 512 chunk scored, BOS-replaced first token): GGUF rows "
         "measured by the real llama-perplexity, our rows by tasa_deploy.eval.perplexity(protocol='llamacpp') "
-        "on the same raw file, so that column compares across all rows. Task columns (acc_norm for the "
-        f"multiple-choice tasks, {ev['mc_items'] or 'all'} items each; gsm8k = 4-shot greedy exact match on "
+        "on the same raw file, so that column compares across all rows. Multiple-choice columns "
+        f"({ev['mc_items'] or 'all'} items each) use llama.cpp's rule (mean log-prob per token of each choice past "
+        "the choices' common prefix): GGUF rows scored IN llama.cpp by llama-perplexity --multiple-choice, our "
+        "rows by its PyTorch replica (per-item agreement with llama.cpp measured at 117/120 on SmolLM2's own GGUF); "
+        "lm-eval's acc_norm is in the JSON as <task>_acc_norm. gsm8k = 4-shot greedy exact match on "
         f"{ev['gsm8k_items'] or 'all'} problems; gsm8k_ll = mean per-token log-likelihood of the reference "
-        f"solution over {ev['gsm8k_ll_items'] or 'all'} problems, higher is better) come from our PyTorch "
-        "evaluator; for GGUF rows it runs on the GGUF's own dequantized weights (no llama.cpp logits API is "
-        "available here: no llama-server, no llama-cpp-python), so they omit llama.cpp's activation rounding. "
+        f"solution over {ev['gsm8k_ll_items'] or 'all'} problems, higher is better — both from our PyTorch "
+        "evaluator, for GGUF rows on the GGUF's own dequantized weights (this llama.cpp build has no completion "
+        "API for scoring generations: no llama-server, no llama-cpp-python). "
         "task_score = mean of gsm8k, arc_easy, arc_challenge, hellaswag, piqa.")
 
 

@@ -13,10 +13,12 @@ Columns: bpw (our rows: tasa_deploy.bits over the plan; GGUF rows: stored bits /
 quantized blk.* tensors), wikitext_ppl (our "standard" protocol, PyTorch), wikitext_ppl_llamacpp (llama.cpp's
 protocol: our rows scored with tasa_deploy.eval.perplexity protocol="llamacpp" on the raw file, GGUF rows by
 the real llama-perplexity), gsm8k (few-shot exact match), gsm8k_ll (mean per-token log-likelihood of the
-reference solution, higher is better), arc_easy / arc_challenge / hellaswag / piqa (acc_norm), task_score =
-mean of the five task accuracies. GGUF task cells come from our evaluator on the GGUF's own dequantized
-weights (transformers' GGUF reader), since llama.cpp here has no logits API (no llama-server, no
-llama-cpp-python).
+reference solution, higher is better), arc_easy / arc_challenge / hellaswag / piqa (accuracy under llama.cpp's
+multiple-choice rule: mean log-prob per token of each choice past the choices' common prefix; our rows by
+the PyTorch replica `acc_tokavg`, GGUF rows by the real `llama-perplexity --multiple-choice`; lm-eval's
+acc_norm is kept as `<task>_acc_norm`), task_score = mean of the five task accuracies. GGUF rows' GSM8K
+cells come from our evaluator on the GGUF's own dequantized weights (transformers' GGUF reader): this
+llama.cpp build has no logits/completion API (no llama-server, no llama-cpp-python) for generation scoring.
 
 Usage: python benchmarks/quality.py --model smollm2-135m [--quick] [--rows a,b] [--limit N] [--tiny-quant]
 """
@@ -129,19 +131,27 @@ def evaluate_tasks(model, tokenizer, settings: EvalSettings) -> dict:
 
     cells = {"gsm8k": evaluate_gsm8k(model, tokenizer, limit=settings.gsm8k_items).exact_match}
     for task in TASKS[1:]:
-        cells[task] = evaluate_multiple_choice(model, tokenizer, task, limit=settings.mc_items).acc_norm
+        result = evaluate_multiple_choice(model, tokenizer, task, limit=settings.mc_items)
+        cells[task], cells[f"{task}_acc_norm"] = result.acc_tokavg, result.acc_norm
     return cells
 
 
 def evaluate_gguf(path: Path, settings: EvalSettings, text_file: Path) -> dict:
-    """GGUF row: llama-perplexity in llama.cpp, the rest by our evaluator on the GGUF's dequantized weights."""
-    from tasa_deploy.exporters.llamacpp import llama_perplexity
+    """GGUF row IN llama.cpp: wikitext_ppl_llamacpp by llama-perplexity, the four multiple-choice columns by
+    llama-perplexity --multiple-choice on the same rows (its token-average rule, = our acc_tokavg). GSM8K
+    (generation + answer log-likelihood), the standard-protocol ppl and the `<task>_torch` cross-check
+    columns come from our PyTorch evaluator on the GGUF's own weights, dequantized by transformers' reader."""
+    from tasa_deploy.data import load_rows
+    from tasa_deploy.exporters.llamacpp import llama_multiple_choice, llama_perplexity
     from tasa_deploy.model import load_model
 
     chunks = settings.wikitext_windows or 10**6  # llama-perplexity stops at the text's end
     cells = evaluate_torch(load_model(str(path)), settings)
     cells["wikitext_ppl_llamacpp_torch"] = cells.pop("wikitext_ppl_llamacpp")  # same protocol, PyTorch
     cells["wikitext_ppl_llamacpp"] = llama_perplexity(path, text_file, ctx=512, chunks=chunks, threads=2)
+    for task in TASKS[1:]:
+        flags = llama_multiple_choice(path, load_rows(task, "eval", settings.mc_items))
+        cells[f"{task}_torch"], cells[task] = cells[task], sum(flags) / len(flags)
     return cells
 
 

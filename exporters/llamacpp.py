@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -97,6 +98,51 @@ def llama_generate(model: Path, prompt: str, *, n_predict: int = 32) -> str:
     if start < 0:
         raise TasaError(f"llama-simple did not echo the prompt for {model}")
     return output[start:].split("\nmain: decoded")[0].split("\nllama_perf")[0].strip()
+
+
+def write_multiple_choice_file(rows: Sequence[Mapping], path: Path) -> Path:
+    """llama-perplexity's binary multiple-choice task file (`tools/perplexity/perplexity.cpp`), little-endian:
+    uint32 n_tasks, uint32 byte offset of each task, then per task: string question, the single-answer set
+    (uint32 n, n strings, n int32 labels 0/1) and an empty multi-answer set (uint32 0). A string is its uint32
+    UTF-8 byte length followed by the bytes. Rows are ours ({"query", "choices", "label"}); llama.cpp scores
+    question + " " + answer, as our evaluator does."""
+    def string(text: str) -> bytes:
+        data = text.encode("utf-8")
+        return struct.pack("<I", len(data)) + data
+
+    blobs = []
+    for row in rows:
+        choices = list(row["choices"])
+        if not row["query"] or not all(choices):
+            raise UsageError("llama.cpp rejects multiple-choice rows with an empty question or answer")
+        labels = [int(i == row["label"]) for i in range(len(choices))]
+        blobs.append(string(row["query"]) + struct.pack("<I", len(choices)) + b"".join(map(string, choices))
+                     + struct.pack(f"<{len(labels)}i", *labels) + struct.pack("<I", 0))
+    offsets, position = [], 4 + 4 * len(blobs)
+    for blob in blobs:
+        offsets.append(position)
+        position += len(blob)
+    Path(path).write_bytes(struct.pack(f"<I{len(blobs)}I", len(blobs), *offsets) + b"".join(blobs))
+    return Path(path)
+
+
+def llama_multiple_choice(model: Path, rows: Sequence[Mapping], *, threads: int = 2, ctx: int = 2048) -> list[bool]:
+    """Per row (in order), whether llama.cpp's own multiple-choice scorer (`llama-perplexity --multiple-choice`)
+    picks the labelled choice: each choice's tokens past the choices' common prefix, best mean log-prob wins.
+
+    llama-perplexity prints the running accuracy after each task; the flags are read back from it."""
+    if not rows:
+        raise UsageError("no multiple-choice rows to score")
+    with tempfile.TemporaryDirectory() as folder:
+        task_file = write_multiple_choice_file(rows, Path(folder) / "tasks.bin")
+        output = run_tool("llama-perplexity", ["-m", str(model), "-f", str(task_file), "--multiple-choice",
+                                               "--multiple-choice-tasks", "0", "-c", str(ctx), "-b", str(ctx),
+                                               "-t", str(threads)])
+    running = [float(m.group(2)) for m in re.finditer(r"^(\d+)\t([0-9.]+)$", output, flags=re.MULTILINE)]
+    if len(running) != len(rows) or "Final result:" not in output:
+        raise TasaError(f"llama-perplexity --multiple-choice scored {len(running)} of {len(rows)} rows for {model}")
+    correct = [round(acc * (i + 1) / 100) for i, acc in enumerate(running)]  # cumulative correct count
+    return [now > before for before, now in zip([0, *correct[:-1]], correct)]
 
 
 @dataclass(frozen=True)

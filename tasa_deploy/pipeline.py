@@ -118,6 +118,29 @@ def uniform_plan(model: torch.nn.Module, fingerprint: str, bits: int, target: st
     return BitPlan(fingerprint, target, modules, None, None, {"kind": f"uniform{bits}"})
 
 
+def retarget_plan(plan: BitPlan, model: torch.nn.Module, target: str, log: Log) -> BitPlan:
+    """An int-grid (vLLM) plan moved onto GGML grids: each module's width -> `gguf_type_for(bits, K)`.
+
+    This is how a plan made in nominal widths (e.g. TASA at 3.5 nominal bits over {3,4,8}) becomes a GGUF
+    plan whose GPTQ rounds straight onto the stored grids; the true bits per weight go up where a row cannot
+    take the k-quant of its width (576-wide rows: int3 -> q4_0). Only vllm -> gguf is supported."""
+    if plan.target == target:
+        return plan
+    if (plan.target, target) != ("vllm", "gguf"):
+        raise UsageError(f"cannot move a {plan.target} plan to target {target}; re-plan for {target} instead")
+    linears = quantizable_modules(model)
+    modules = {name: ModulePlan(QuantSpec.for_ggml(gguf_type_for(module.spec.bits, linears[name].in_features)),
+                                module.method) for name, module in plan.modules.items()}
+    moved = BitPlan(plan.model_fingerprint, target, modules, None, None,
+                    {**plan.info, "retargeted_from": {"target": plan.target, "average_bits": plan.average_bits}})
+    from tasa_deploy.bits import plan_average_bits
+
+    shapes = {name: tuple(linears[name].weight.shape) for name in modules}
+    average = plan_average_bits(moved, shapes)
+    log(f"plan moved from {plan.target} to {target}: {plan.average_bits or 0:.3f} nominal -> {average:.3f} true bpw")
+    return BitPlan(moved.model_fingerprint, target, modules, None, average, moved.info)
+
+
 def gguf_type_for(bits: int, in_features: int) -> str:
     """The GGML type for a width: the k-quant where the row fits, else the smallest block-32 type with >= bits."""
     preferred = DEFAULT_TYPE_FOR_BITS.get(bits)
@@ -244,6 +267,8 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     if request.plan_path is not None:
         plan = BitPlan.load(request.plan_path)
         plan.check_model(fingerprint, request.plan_path)
+        if request.target == "gguf":  # the explicit, non-default target wins; --target vllm keeps the plan's
+            plan = retarget_plan(plan, loaded.model, request.target, log)
         if (work_dir / "mix.json").is_file():
             mix = CalibrationMix.load(work_dir / "mix.json")
     elif request.method == "tasa":

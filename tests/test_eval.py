@@ -122,6 +122,18 @@ def test_multiple_choice_matches_brute_force(tiny):
     assert choice_nll(model, tokenizer, MC_ROWS) == pytest.approx(expected_loss, abs=1e-4)
 
 
+def test_token_average_rule_skips_the_choices_common_prefix():
+    """llama.cpp's rule: tokens shared by every choice at the start are context; the rest is averaged."""
+    from tasa_deploy.eval.multiple_choice import token_average_scores
+
+    choice_ids = [[5, 7, 9], [5, 8], [5, 7, 1]]  # common prefix [5]
+    logprobs = [torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.0, -0.5]), torch.tensor([-1.0, -2.0, -6.0])]
+    assert token_average_scores(choice_ids, logprobs).tolist() == pytest.approx([-2.5, -0.5, -4.0])
+    # a choice that is all common prefix still keeps its last token scored
+    assert token_average_scores([[5], [5, 6]], [torch.tensor([-1.0]), torch.tensor([-1.0, -3.0])]).tolist() == \
+        pytest.approx([-1.0, -2.0])
+
+
 @pytest.mark.parametrize("text,expected", [
     ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
     ("#### 1,234", "1234"),

@@ -82,3 +82,30 @@ def test_existing_output_needs_force(tiny_model_dir, tmp_path):
     out.mkdir()
     result = invoke("quantize", "--model", str(tiny_model_dir), "--method", "uniform", "--bits", "4", "--out", str(out))
     assert result.exit_code == 2 and "--force" in result.output
+
+
+def test_vllm_plan_moves_onto_gguf_grids(tiny_model_dir, tmp_path):
+    """`quantize --target gguf --plan P` with an int plan: each width -> the GGML type its row can take,
+    GPTQ rounds onto that grid, and the artifact is a GGUF-target plan at the true bits per weight."""
+    from tasa_deploy.artifacts import ModulePlan
+    from tasa_deploy.bits import plan_average_bits
+
+    loaded = load_model(str(tiny_model_dir))
+    base = uniform_plan(loaded.model, model_fingerprint(loaded.model), 3, "vllm")
+    widths = {name: (8 if "down" in name else 4 if ".0." in name else 3) for name in base.modules}
+    modules = {name: ModulePlan(QuantSpec(widths[name], m.spec.group_size), "gptq") for name, m in base.modules.items()}
+    plan_path = tmp_path / "plan.json"
+    BitPlan(base.model_fingerprint, "vllm", modules, 3.6, 3.6).save(plan_path)
+    out = tmp_path / "moved"
+    result = invoke("quantize", "--model", str(tiny_model_dir), "--target", "gguf", "--plan", str(plan_path),
+                    "--calib-samples", "4", "--seq-len", "64", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    artifact = load_artifact(out)
+    assert artifact.plan.target == "gguf"
+    # rows of 64 / 128 fit no k-quant: 3- and 4-bit -> q4_0 (4.5 bpw), 8-bit -> q8_0 (8.5 bpw)
+    for name, module in artifact.plan.modules.items():
+        assert module.spec.key == ("q8_0" if widths[name] == 8 else "q4_0"), name
+        assert artifact.modules[name].fmt == module.spec.fmt, name
+    shapes = {name: tuple(loaded.model.get_submodule(name).weight.shape) for name in modules}
+    assert artifact.plan.average_bits == pytest.approx(plan_average_bits(artifact.plan, shapes))
+    assert 4.5 < artifact.plan.average_bits < 8.5

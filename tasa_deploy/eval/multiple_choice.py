@@ -5,7 +5,10 @@ context ids = tokenizer(query) with the tokenizer's default special tokens, cont
 tokenizer(" " + choice) without them, so the scored tokens are exactly the choice's.
 acc picks the choice with the largest summed log-likelihood; acc_norm divides each sum by the number of
 characters of its continuation (" " + choice), as lm-eval's acc_norm does, which removes the bias toward
-short answers. The forwards are batched over (row, choice) pairs sorted by length.
+short answers. acc_tokavg is llama.cpp's own multiple-choice rule (`llama-perplexity --multiple-choice`):
+the choices' tokens past their common prefix are scored and averaged per token, and the best average wins —
+computed here from the same forward, so a GGUF row scored by the real llama.cpp and a PyTorch row compare
+like for like. The forwards are batched over (row, choice) pairs sorted by length.
 `choice_nll` turns the same log-likelihoods into a loss (softmax over choices) for sensitivity profiling.
 """
 
@@ -28,6 +31,7 @@ class MCResult:
     acc: float  # by summed log-likelihood
     acc_norm: float  # by log-likelihood per character of the continuation
     n: int
+    acc_tokavg: float | None = None  # llama.cpp's rule: mean log-prob per token past the choices' common prefix
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,15 +76,32 @@ def choice_pairs(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]
     return pairs
 
 
-def choice_loglikelihoods(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[torch.Tensor]:
-    """Summed log-likelihood of each choice: one [n_choices] float64 tensor per row."""
-    logprobs = continuation_logprobs(model, choice_pairs(tokenizer, rows), batch_size)
-    sums, k = [], 0
+def choice_token_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[torch.Tensor]]:
+    """Per-token log-probabilities of every choice: for each row, one 1-D tensor per choice."""
+    pairs = choice_pairs(tokenizer, rows)
+    logprobs = continuation_logprobs(model, pairs, batch_size)
+    grouped, k = [], 0
     for row in rows:
         n = len(row["choices"])
-        sums.append(torch.tensor([lp.double().sum().item() for lp in logprobs[k:k + n]]))  # [n_choices]
+        grouped.append(logprobs[k:k + n])
         k += n
-    return sums
+    return grouped
+
+
+def choice_loglikelihoods(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[torch.Tensor]:
+    """Summed log-likelihood of each choice: one [n_choices] float64 tensor per row."""
+    return [torch.tensor([lp.double().sum().item() for lp in per_choice])
+            for per_choice in choice_token_logprobs(model, tokenizer, rows, batch_size)]
+
+
+def token_average_scores(choice_ids: list[list[int]], logprobs: list[torch.Tensor]) -> torch.Tensor:
+    """llama.cpp's score of each choice: mean log-prob of its tokens from the first one where the choices
+    differ (their common prefix is context to llama.cpp, not answer). [n_choices] float64."""
+    shortest = min(len(ids) for ids in choice_ids)
+    prefix = 0
+    while prefix < shortest - 1 and len({ids[prefix] for ids in choice_ids}) == 1:
+        prefix += 1
+    return torch.tensor([lp[prefix:].double().mean().item() for lp in logprobs])
 
 
 def score_rows(rows: list[dict], loglikelihoods: list[torch.Tensor]) -> tuple[float, float]:
@@ -91,6 +112,14 @@ def score_rows(rows: list[dict], loglikelihoods: list[torch.Tensor]) -> tuple[fl
         correct += int(ll.argmax()) == row["label"]
         correct_norm += int((ll / chars).argmax()) == row["label"]
     return correct / len(rows), correct_norm / len(rows)
+
+
+def token_average_accuracy(tokenizer, rows: list[dict], token_logprobs: list[list[torch.Tensor]]) -> float:
+    correct = 0
+    for row, per_choice in zip(rows, token_logprobs):
+        ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in row["choices"]]
+        correct += int(token_average_scores(ids, per_choice).argmax()) == row["label"]
+    return correct / len(rows)
 
 
 def evaluate_multiple_choice(model, tokenizer, task: str, limit: int | None = None, rows=None,
@@ -105,8 +134,11 @@ def evaluate_multiple_choice(model, tokenizer, task: str, limit: int | None = No
     rows = list(rows)[:limit]
     if not rows:
         raise UsageError(f"no rows to evaluate for {task}")
-    acc, acc_norm = score_rows(rows, choice_loglikelihoods(model, tokenizer, rows, batch_size))
-    return MCResult(task=task, acc=acc, acc_norm=acc_norm, n=len(rows))
+    token_logprobs = choice_token_logprobs(model, tokenizer, rows, batch_size)
+    sums = [torch.tensor([lp.double().sum().item() for lp in per_choice]) for per_choice in token_logprobs]
+    acc, acc_norm = score_rows(rows, sums)
+    return MCResult(task=task, acc=acc, acc_norm=acc_norm, n=len(rows),
+                    acc_tokavg=token_average_accuracy(tokenizer, rows, token_logprobs))
 
 
 def choice_nll(model, tokenizer, rows: list[dict]) -> float:
