@@ -14,7 +14,10 @@ Usage: python benchmarks/gguf_bench.py [ARTIFACT_DIR ...] [--chunks 8] [--thread
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -53,6 +56,17 @@ def calibration_tokens(tokenizer, n_samples: int = 32, seq_len: int = 256) -> to
     from tasa_deploy.data import calibration_texts, token_batches
 
     return token_batches(tokenizer, calibration_texts("lambada", "calib"), n_samples, seq_len, seed=0)
+
+
+def plan_summary(artifact: Path) -> dict:
+    """How a TASA artifact was made, from its plan: target grid, budget, achieved bpw, retargeting."""
+    plan = BitPlan.load(artifact / "tasa_plan.json") if (artifact / "tasa_plan.json").is_file() else None
+    if plan is None:
+        from tasa_deploy.artifacts import load_artifact
+
+        plan = load_artifact(artifact).plan
+    return {"target": plan.target, "budget_bits": plan.budget_bits, "average_bits": plan.average_bits,
+            "retargeted_from": plan.info.get("retargeted_from"), "alpha": plan.info.get("alpha")}
 
 
 def measure(name: str, path: Path, text: Path, chunks: int, threads: int) -> dict:
@@ -97,8 +111,12 @@ def main() -> None:
     text.write_text(wikitext2_test_text(raw=True), encoding="utf-8")
     models = build_models(args.work, args.artifacts)
     rows = [measure(name, path, text, args.chunks, args.threads) for name, path in models.items()]
-    write_json_atomic(RESULTS, {"model": "SmolLM2-135M-Instruct", "ctx": 512, "chunks": args.chunks,
-                                "threads": args.threads, "embeddings": "f16 in every row", "rows": rows})
+    for row, artifact in zip(rows[len(rows) - len(args.artifacts):], args.artifacts):
+        row["plan"] = plan_summary(artifact)
+    write_json_atomic(RESULTS, {"model": "SmolLM2-135M-Instruct", "date": datetime.date.today().isoformat(),
+                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+                                "ctx": 512, "chunks": args.chunks, "threads": args.threads,
+                                "embeddings": "f16 in every row", "rows": rows})
     print(f"wrote {RESULTS}")
 
 

@@ -114,6 +114,8 @@ def test_gptq_beats_rtn_on_smollm2_layer(smollm2):
     model, tokenizer = smollm2.model, smollm2.tokenizer
     name = "model.layers.5.mlp.down_proj"
     linear = quantizable_modules(model)[name]
+    if not pytest.wikitext_path.is_file():
+        pytest.skip(f"WikiText-2 test text not found at {pytest.wikitext_path} (../shared/data)")
     text = open(pytest.wikitext_path).read()[:20000]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
     captured = []

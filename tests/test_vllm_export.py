@@ -234,9 +234,9 @@ def test_smollm2_exported_ppl_matches_dense_artifact(tmp_path):
     artifact_dir = make_artifact(loaded.model, Path(loaded.model_dir), tmp_path / "art", smollm2_mixed_spec)
     report = export_vllm(artifact_dir, tmp_path / "vllm")
     assert report.modules_per_scheme.keys() >= {"int3g64", "int4g64", "int8g64"}
-    text_path = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
+    text_path = pytest.wikitext_path
     if not text_path.is_file():
-        text_path = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
+        pytest.skip(f"WikiText-2 test text not found at {text_path} (../shared/data)")
     tokens = loaded.tokenizer(text_path.read_text()[:20_000], return_tensors="pt").input_ids[0]  # [T]
     exported_model = AutoModelForCausalLM.from_pretrained(tmp_path / "vllm", dtype=torch.float32).eval()
     dense_model = loaded.model
