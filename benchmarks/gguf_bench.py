@@ -75,9 +75,11 @@ def measure(name: str, path: Path, text: Path, chunks: int, threads: int) -> dic
     row = {"name": name, "file": str(path), "file_bytes": path.stat().st_size,
            "bits_per_weight": round(linear_bits_per_weight(path), 4),
            "ppl_wikitext2": llama_perplexity(path, text, ctx=512, chunks=chunks, threads=threads),
-           "prompt_tok_s": round(bench.prompt_tok_s, 1), "decode_tok_s": round(bench.decode_tok_s, 1)}
+           "prompt_tok_s": round(bench.prompt_tok_s, 1), "decode_tok_s": round(bench.decode_tok_s, 1),
+           "llama_bench_peak_rss_mib": bench.peak_rss_mib}
     print(f"{name:28s} {row['bits_per_weight']:6.3f} bpw  ppl {row['ppl_wikitext2']:8.3f}  "
-          f"pp {row['prompt_tok_s']:7.1f}  tg {row['decode_tok_s']:6.1f} tok/s  ({time.time() - start:.0f} s)")
+          f"pp {row['prompt_tok_s']:7.1f}  tg {row['decode_tok_s']:6.1f} tok/s  "
+          f"rss {bench.peak_rss_mib:6.0f} MiB  ({time.time() - start:.0f} s)")
     return row
 
 

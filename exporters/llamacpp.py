@@ -61,12 +61,42 @@ def find_llamacpp_bin(tools: tuple[str, ...] = ("llama-quantize",), *, build: bo
 
 def run_tool(tool: str, args: list[str], *, timeout: float = 1800, bin_dir: Path | None = None) -> str:
     """Run a llama.cpp tool; returns stdout + stderr, raises TasaError (with its last lines) on failure."""
+    return run_tool_measured(tool, args, timeout=timeout, bin_dir=bin_dir)[0]
+
+
+def run_tool_measured(tool: str, args: list[str], *, timeout: float = 1800,
+                      bin_dir: Path | None = None) -> tuple[str, float]:
+    """run_tool, plus the tool's own peak resident memory in MiB (its rusage from wait4)."""
     directory = bin_dir or find_llamacpp_bin((tool,))
-    result = subprocess.run([str(directory / tool), *args], capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-4:])
-        raise TasaError(f"{tool} failed (exit {result.returncode}): {tail}")
-    return result.stdout + "\n" + result.stderr
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([str(directory / tool), *args], stdout=out, stderr=err, text=True)
+        try:
+            _, status, usage = _wait4(process.pid, timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise TasaError(f"{tool} ran past {timeout:.0f} s and was stopped") from None
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode != 0:
+        tail = " | ".join((stdout + stderr).strip().splitlines()[-4:])
+        raise TasaError(f"{tool} failed (exit {process.returncode}): {tail}")
+    return stdout + "\n" + stderr, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def _wait4(pid: int, timeout: float):
+    """os.wait4 with a deadline (polls; the tools run for seconds to minutes)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        waited_pid, status, usage = os.wait4(pid, os.WNOHANG)
+        if waited_pid == pid:
+            return waited_pid, status, usage
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(str(pid), timeout)
+        time.sleep(0.05)
 
 
 def llama_perplexity(model: Path, text_file: Path, *, ctx: int = 512, chunks: int = 4, threads: int = 2) -> float:
@@ -149,16 +179,17 @@ def llama_multiple_choice(model: Path, rows: Sequence[Mapping], *, threads: int 
 class BenchResult:
     prompt_tok_s: float  # prompt processing throughput (pp)
     decode_tok_s: float  # token generation throughput (tg)
+    peak_rss_mib: float | None = None  # llama-bench's own peak resident memory
 
 
 def llama_bench(model: Path, *, n_prompt: int = 128, n_gen: int = 32, threads: int = 2, reps: int = 2) -> BenchResult:
     """llama-bench throughput for one model (JSON output)."""
-    output = run_tool("llama-bench", ["-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
-                                      "-r", str(reps), "-o", "json"])
+    output, peak_rss_mib = run_tool_measured("llama-bench", ["-m", str(model), "-p", str(n_prompt), "-n", str(n_gen),
+                                                             "-t", str(threads), "-r", str(reps), "-o", "json"])
     rows = json.loads(output[output.index("["):output.rindex("]") + 1])
     prompt = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
     decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    return BenchResult(float(prompt), float(decode))
+    return BenchResult(float(prompt), float(decode), round(peak_rss_mib, 1))
 
 
 # ------------------------------------------------------------------------------------ importance matrix
