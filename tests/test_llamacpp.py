@@ -141,3 +141,12 @@ def test_llamacpp_multiple_choice_agrees_with_our_scorer(smollm2):
     assert len(flags) == 24
     assert abs(sum(flags) / 24 - ours.acc_tokavg) <= 2 / 24, (sum(flags), ours)
     assert 0.3 < ours.acc_tokavg < 0.8  # SmolLM2-135M: ~0.5, chance 0.25
+
+
+def test_llama_bench_reports_throughput_and_its_own_memory(smol_gguf):
+    from tasa_deploy.exporters.llamacpp import llama_bench
+
+    result = llama_bench(smol_gguf, n_prompt=32, n_gen=8, threads=1, reps=1)
+    assert result.prompt_tok_s > 0 and result.decode_tok_s > 0
+    # the ~120 MB file is mapped in; the Python test process (GBs) must not be what is reported
+    assert 100 < result.peak_rss_mib < 2048, result
