@@ -7,7 +7,8 @@ where it stopped. Rows (see ROWS): `fp` (the dequantized base), uniform int-g128
 TASA at 3.0 / 3.5 / 4.0 average bits (candidates {3,4,8}; ONE mix.json + profile.json shared by every budget
 through one pipeline work dir), three TASA-3.5 ablations (perplexity objective only, alpha=0 task-only
 calibration, alpha=1 general-only calibration), and llama-quantize Q3_K_M / Q4_K_M from an F16 GGUF of the
-same base, with and without an importance matrix computed on the same calibration mixture.
+same base, with and without an importance matrix computed on the same calibration mixture, and
+`tasa-gguf-q3_k_m-size`: TASA planned over GGML types at Q3_K_M's bits per weight, GPTQ'd onto those grids.
 
 Columns: bpw (our rows: tasa_deploy.bits over the plan; GGUF rows: stored bits / weights over the file's
 quantized blk.* tensors), wikitext_ppl (our "standard" protocol, PyTorch), wikitext_ppl_llamacpp (llama.cpp's
@@ -48,7 +49,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 TASKS = ("gsm8k", "arc_easy", "arc_challenge", "hellaswag", "piqa")  # task_score = mean of these accuracies
 ALL_ROWS = ("fp", "uniform3-rtn", "uniform4-rtn", "uniform3-gptq", "uniform4-gptq", "tasa-3.0", "tasa-3.5",
             "tasa-4.0", "tasa-3.5-pplonly", "tasa-3.5-taskonly", "tasa-3.5-generalonly", "llamacpp-q3_k_m",
-            "llamacpp-q3_k_m-imatrix", "llamacpp-q4_k_m", "llamacpp-q4_k_m-imatrix")
+            "llamacpp-q3_k_m-imatrix", "llamacpp-q4_k_m", "llamacpp-q4_k_m-imatrix", "tasa-gguf-q3_k_m-size")
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,28 @@ def build_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> t
                  "file_bytes": out.stat().st_size}
 
 
+def build_tasa_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
+    """TASA planned over GGML types (`quantize --target gguf`) at llama-quantize Q3_K_M's bits per weight over
+    the same tensors, GPTQ'd onto those grids, exported losslessly: the like-for-like rival of Q3_K_M."""
+    from tasa_deploy.exporters.gguf import export_gguf
+
+    start = time.perf_counter()
+    q3_k_m, _ = build_gguf_row("llamacpp-q3_k_m", model, quant, root)
+    budget = round(gguf_bits_per_weight(q3_k_m), 4)  # 4.6344 on SmolLM2 (its 576-wide rows take block-32 types)
+    work = root / "work-tasa-gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    mix_file = shared_work_dir(model, quant, root) / "mix.json"  # same mixture as every TASA row
+    if not (work / "mix.json").is_file():
+        shutil.copy2(mix_file, work / "mix.json")
+    request = quantize_request(name, model, quant, root, bits=budget, target="gguf", work_dir=work)
+    stage_seconds = run_request(request)
+    out = root / "gguf" / f"{name}.gguf"
+    if not out.is_file():
+        export_gguf(request.out, out)
+    return out, {"bpw": gguf_bits_per_weight(out), "budget_bits": budget, "stage_seconds": stage_seconds,
+                 "build_seconds": round(time.perf_counter() - start, 1), "file_bytes": out.stat().st_size}
+
+
 # ------------------------------------------------------------------------------------------------ one row
 def build_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path | None, dict]:
     """The row's model (artifact dir, GGUF file, or None for `fp`) and build info (bpw, seconds)."""
@@ -306,6 +329,8 @@ def build_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[
         return None, {"bpw": 16.0, "build_seconds": 0.0, "note": "dequantized base; bpw of an f16 file"}
     if name.startswith("llamacpp-"):
         return build_gguf_row(name, model, quant, root)
+    if name == "tasa-gguf-q3_k_m-size":
+        return build_tasa_gguf_row(name, model, quant, root)
     return build_our_row(name, model, quant, root)
 
 
