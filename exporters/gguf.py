@@ -141,7 +141,8 @@ def _write_metadata(writer: gguf.GGUFWriter, config: Mapping, file_type: str) ->
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _architecture(config: Mapping) -> tuple[gguf.MODEL_ARCH, bool]:
+def gguf_architecture(config: Mapping) -> tuple[gguf.MODEL_ARCH, bool]:
+    """(GGUF architecture, q/k rotary permutation?) of an HF config dict; a one-line UsageError otherwise."""
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UsageError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this one is '{model_type}'")
@@ -161,7 +162,7 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
                  type_map=None, embedding_type: str = "f16"):
     """GGUF tensors of quantized modules + dense HF tensors: ({gguf name: (data, type)}, warnings, bpw of
     the quantized modules). 2-D dense tensors are stored as `embedding_type`, others as f32."""
-    arch, _ = _architecture(config)
+    arch, _ = gguf_architecture(config)
     name_map = gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
     out, warnings, n_weights, n_bits = {}, [], 0, 0
     for module, qt in modules.items():
@@ -193,7 +194,7 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
 def write_gguf(out: Path, config: Mapping, tokenizer_dir: Path, tensors: Mapping, *, force: bool = False,
                pre_tokenizer: str | None = None) -> list[str]:
     """Write metadata, tokenizer and `tensors` ({name: (data, type)}) to `out` atomically; returns warnings."""
-    arch, _ = _architecture(config)
+    arch, _ = gguf_architecture(config)
     vocab = gguf_vocab.read_vocab(Path(tokenizer_dir), int(config["vocab_size"]), pre_tokenizer)
     linear_types = Counter(_type_name(t) for name, (_, t) in tensors.items() if name.startswith("blk.")
                            and t != FLOAT_TYPES["f32"])

@@ -252,9 +252,9 @@ def llama_quantize(base_gguf: Path, out: Path, ftype: str, *, imatrix: Path | No
 
 def planned_gguf_types(artifact, type_map: Mapping[int, str] | None = None) -> dict[str, str]:
     """GGUF weight name -> GGML type the plan asks for (int-grid modules mapped as `gguf.export_gguf` does)."""
-    from tasa_deploy.exporters.gguf import _architecture, choose_ggml_type
+    from tasa_deploy.exporters.gguf import choose_ggml_type, gguf_architecture
 
-    arch, _ = _architecture(artifact.config)
+    arch, _ = gguf_architecture(artifact.config)
     name_map = gguf.get_tensor_name_map(arch, int(artifact.config["num_hidden_layers"]))
     types = {}
     for module, qt in artifact.modules.items():
@@ -267,11 +267,11 @@ def imatrix_for_model(model_dir: Path, calibration_tokens: torch.Tensor, path: P
     """Compute and write a GGUF imatrix for the base model in `model_dir` from token rows [n, T]."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tasa_deploy.exporters.gguf import _architecture
+    from tasa_deploy.exporters.gguf import gguf_architecture
     from tasa_deploy.model import quantizable_modules
 
     config = AutoConfig.from_pretrained(model_dir)
-    arch, _ = _architecture(config.to_dict())
+    arch, _ = gguf_architecture(config.to_dict())
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     stats = collect_input_sq_sums(model, quantizable_modules(model), calibration_tokens)

@@ -297,11 +297,13 @@ def export(
 
 def _export_via_llama_quantize(artifact: Path, out: Path, force: bool):
     from tasa_deploy.artifacts import load_artifact
+    from tasa_deploy.exporters.gguf import gguf_architecture
     from tasa_deploy.exporters.llamacpp import export_gguf_via_llama_quantize
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest, calibration_tokens
 
     opened = load_artifact(artifact)
+    gguf_architecture(opened.config)  # refuse an unsupported model before loading it and its calibration data
     request_json = opened.plan.info.get("request") or {}
     request = QuantizeRequest(model=request_json.get("model", "smollm2-135m"),
                               tasks=tuple(request_json.get("tasks", ("gsm8k", "arc"))),

@@ -1,8 +1,9 @@
 """TASA stage 2: per-block and per-unit RTN sensitivity for every objective -> `profile.json`.
 
 Method (TASA, arXiv 2607.00908, sensitivity analysis; RTN on purpose, as the paper does):
-  1. Encode each objective's probe rows (`tasa_deploy.objectives`) and run the model once up to block 0
-     (`capture.capture_first_block_inputs`); keep block 0's inputs h_0 for every probe batch.
+  1. Encode each objective's probe rows (`tasa_deploy.objectives`) and run the model's embeddings once
+     (`capture.capture_block_inputs`); keep block 0's inputs h_0 for every probe batch, with the keyword
+     arguments (mask, rope) the model gives each block, so a replayed block l sees exactly its own.
   2. Baseline: run blocks 0..L-1 from h_0, final norm + lm_head on the scored positions only, and reduce
      each objective's loss. All objectives come out of the same forward.
   3. For block l (holding its full-precision inputs h_l): RTN-fake-quantize all its linears at the probe
@@ -45,7 +46,7 @@ from torch import nn
 
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import SensitivityProfile, UnitSensitivity, read_json, write_json_atomic
-from tasa_deploy.capture import BlockInputs, capture_first_block_inputs, linear_input_hooks, run_block
+from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
 from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, block_linears, block_prefix, cache_root, decoder_blocks,
                                model_fingerprint)
 from tasa_deploy.objectives import (OBJECTIVES, ProbeSet, load_probe_set, output_logits_fn, reduce_probe,
@@ -158,10 +159,10 @@ def tail_losses(model: nn.Module, start: int, hidden: Sequence[BlockInputs],
     blocks, norm, logits_fn = decoder_blocks(model), _final_norm(model), output_logits_fn(model)
     sums: dict[str, list[torch.Tensor]] = {name: [] for name in probes}
     for inputs, (name, index) in zip(hidden, batches, strict=True):
-        states = inputs.hidden_states  # [B, T, H]
         for block in blocks[start:]:
-            states = run_block(block, BlockInputs(states, inputs.kwargs))
-        sums[name].append(scored_logprob_sums(logits_fn, norm(states), probes[name].batches[index]))
+            inputs = next_block_inputs(block, inputs)
+        states = norm(inputs.hidden_states)  # [B, T, H]
+        sums[name].append(scored_logprob_sums(logits_fn, states, probes[name].batches[index]))
     return {name: reduce_probe(probes[name], sums[name]) for name in probes}
 
 
@@ -185,7 +186,7 @@ def advance_block(block: nn.Module, hidden: Sequence[BlockInputs], batches: Sequ
         for inputs, (name, index) in zip(hidden, batches, strict=True):
             current.update(objective=name, mask=probes[name].batches[index].token_mask)
             counts[name] += int(current["mask"].sum())
-            outputs.append(BlockInputs(run_block(block, inputs), inputs.kwargs))
+            outputs.append(next_block_inputs(block, inputs))
     grams = {obj: {m: g / max(counts[obj], 1) for m, g in per.items()} for obj, per in grams.items()}
     return outputs, grams
 
@@ -300,7 +301,7 @@ def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path
     """Measure the blocks not yet in `state`, saving it atomically after each one."""
     settings, blocks = state["settings"], decoder_blocks(model)
     batches = [(name, i) for name in settings["objectives"] for i in range(len(probes[name].batches))]
-    hidden = capture_first_block_inputs(model, [probes[name].batches[i].tokens for name, i in batches])
+    hidden = capture_block_inputs(model, [probes[name].batches[i].tokens for name, i in batches])
     if state["baselines"] is None:
         state["baselines"] = tail_losses(model, 0, hidden, batches, probes)
         write_json_atomic(path, state)

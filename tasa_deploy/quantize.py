@@ -1,8 +1,10 @@
 """Sequential block-by-block GPTQ with a BitPlan (stage 4 of TASA).
 
-Like llm-compressor's sequential pipeline: calibration tokens run to decoder block 0 once; then for each block
-the inputs of block i come from the already-quantized blocks < i, so errors are compensated downstream and peak
-memory is one block plus the calibration activations, not the model twice. By default one calibration pass per
+Like llm-compressor's sequential pipeline: calibration tokens go through the embeddings once, capturing block 0's
+hidden states and the keyword arguments the model gives each block (`capture.capture_block_inputs`: per-layer
+masks and rope for Gemma-3's sliding/global layers); then for each block the inputs of block i come from the
+already-quantized blocks < i, so errors are compensated downstream and peak memory is one block plus the
+calibration activations, not the model twice. By default one calibration pass per
 block collects every Hessian of the block (2 block passes in all, counting the output pass); with
 `true_sequential` the fused groups are quantized in execution order (q/k/v, o, gate/up, down), each calibrated on
 inputs that already see the quantized earlier groups (5 passes: better, and 2.5x slower on a CPU).
@@ -25,7 +27,7 @@ from torch import nn
 
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import BitPlan, atomic_path
-from tasa_deploy.capture import BlockInputs, capture_first_block_inputs, linear_input_hooks, run_block
+from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs, run_block
 from tasa_deploy.model import FUSED_GROUPS, block_linears, block_prefix, decoder_blocks, quantizable_modules
 from tasa_deploy.quant import QuantizedTensor, accumulate_hessian, make_empty_hessian, quantize_rtn, quantize_weight
 
@@ -49,7 +51,7 @@ def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Te
     return the quantized tensors by HF module name. calibration_tokens: [n, T] int64."""
     _check_plan_covers_model(model, plan)
     batches = list(calibration_tokens.split(settings.batch_size))
-    inputs = capture_first_block_inputs(model, batches)
+    inputs = capture_block_inputs(model, batches)
     blocks = decoder_blocks(model)
     resume_key = _resume_key(plan, calibration_tokens, settings)
     quantized: dict[str, QuantizedTensor] = {}
@@ -64,7 +66,7 @@ def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Te
             block_result = saved
             _apply(block, prefix, block_result)
         quantized.update(block_result)
-        inputs = [BlockInputs(run_block(block, x), x.kwargs) for x in inputs]
+        inputs = [next_block_inputs(block, x) for x in inputs]
         if on_block:
             on_block(index, len(blocks), saved is not None)
     return quantized
