@@ -150,6 +150,28 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
     return {"slope": slope, "intercept": intercept, "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
 
 
+def quadratic_fit(xs: list[float], ys: list[float]) -> dict:
+    """Least-squares seconds = c0 + c1 * x + c2 * x^2 with R^2: the profile's cost model in depth L (tail
+    block passes grow as L(L+1)/2, head passes as L), so depth scaling is judged against this, not a line."""
+    import numpy as np
+
+    if len(xs) < 3:
+        return {"coefficients": None, "r2": None}
+    coefficients = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 2)[::-1]  # c0, c1, c2
+    predicted = np.polyval(coefficients[::-1], np.asarray(xs, float))
+    ss_res = float(((np.asarray(ys) - predicted) ** 2).sum())
+    ss_tot = float(((np.asarray(ys) - np.mean(ys)) ** 2).sum())
+    return {"coefficients": [float(c) for c in coefficients], "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
+
+
+def scaling_fits(by_layers: list[dict], by_objectives: list[dict]) -> dict:
+    layers, layer_seconds = [r["layers"] for r in by_layers], [r["seconds"] for r in by_layers]
+    return {"fit_seconds_vs_layers": linear_fit(layers, layer_seconds),
+            "fit_seconds_vs_layers_quadratic": quadratic_fit(layers, layer_seconds),
+            "fit_seconds_vs_objectives": linear_fit([r["objectives"] for r in by_objectives],
+                                                    [r["seconds"] for r in by_objectives])}
+
+
 def measure_scaling(model_name: str, config: dict, work: Path) -> dict:
     """Profile cost over depth (all objectives) and over the number of objectives (fixed depth)."""
     from tasa_deploy.model import load_model
@@ -164,10 +186,7 @@ def measure_scaling(model_name: str, config: dict, work: Path) -> dict:
     fixed = min(config["objective_layers"], n_blocks)
     by_objectives = [time_profile(loaded.model, loaded.tokenizer, {k: probes[k] for k in names}, fixed, work, config)
                      for names in OBJECTIVE_SETS]
-    return {"by_layers": by_layers, "by_objectives": by_objectives,
-            "fit_seconds_vs_layers": linear_fit([r["layers"] for r in by_layers], [r["seconds"] for r in by_layers]),
-            "fit_seconds_vs_objectives": linear_fit([r["objectives"] for r in by_objectives],
-                                                    [r["seconds"] for r in by_objectives])}
+    return {"by_layers": by_layers, "by_objectives": by_objectives, **scaling_fits(by_layers, by_objectives)}
 
 
 def machine() -> dict:
@@ -219,6 +238,11 @@ def print_summary(report: dict) -> None:
         fit = report["profile_scaling"][key]
         if fit["slope"] is not None:
             console.print(f"{key}: {fit['intercept']:.2f} + {fit['slope']:.2f} * x s (R^2 {fit['r2']:.4f})")
+    quadratic = report["profile_scaling"].get("fit_seconds_vs_layers_quadratic", {})
+    if quadratic.get("coefficients"):
+        c0, c1, c2 = quadratic["coefficients"]
+        console.print(f"fit_seconds_vs_layers_quadratic: {c0:.2f} + {c1:.3f} * L + {c2:.4f} * L^2 s "
+                      f"(R^2 {quadratic['r2']:.4f})")
 
 
 if __name__ == "__main__":
