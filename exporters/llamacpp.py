@@ -66,37 +66,41 @@ def run_tool(tool: str, args: list[str], *, timeout: float = 1800, bin_dir: Path
 
 def run_tool_measured(tool: str, args: list[str], *, timeout: float = 1800,
                       bin_dir: Path | None = None) -> tuple[str, float]:
-    """run_tool, plus the tool's own peak resident memory in MiB (its rusage from wait4)."""
+    """run_tool, plus the tool's own peak resident memory in MiB.
+
+    The peak is VmHWM from /proc/<pid>/status, polled every 20 ms while the tool runs (the high-water mark of
+    the tool's own address space). rusage's ru_maxrss would be wrong here: Python starts children with vfork,
+    and exec records the PARENT's high-water mark into the child's ru_maxrss."""
     directory = bin_dir or find_llamacpp_bin((tool,))
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen([str(directory / tool), *args], stdout=out, stderr=err, text=True)
-        try:
-            _, status, usage = _wait4(process.pid, timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise TasaError(f"{tool} ran past {timeout:.0f} s and was stopped") from None
-        process.returncode = os.waitstatus_to_exitcode(status)
+        peak_kib = _poll_peak_rss(process, timeout, tool)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if process.returncode != 0:
         tail = " | ".join((stdout + stderr).strip().splitlines()[-4:])
         raise TasaError(f"{tool} failed (exit {process.returncode}): {tail}")
-    return stdout + "\n" + stderr, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return stdout + "\n" + stderr, peak_kib / 1024
 
 
-def _wait4(pid: int, timeout: float):
-    """os.wait4 with a deadline (polls; the tools run for seconds to minutes)."""
+def _poll_peak_rss(process: subprocess.Popen, timeout: float, tool: str) -> int:
+    """Wait for `process` (killing it past `timeout` s); returns the largest VmHWM (KiB) read meanwhile."""
     import time
 
-    deadline = time.monotonic() + timeout
-    while True:
-        waited_pid, status, usage = os.wait4(pid, os.WNOHANG)
-        if waited_pid == pid:
-            return waited_pid, status, usage
+    deadline, peak_kib = time.monotonic() + timeout, 0
+    status_file = Path(f"/proc/{process.pid}/status")
+    while process.poll() is None:
+        try:
+            line = next((l for l in status_file.read_text().splitlines() if l.startswith("VmHWM:")), "")
+            peak_kib = max(peak_kib, int(line.split()[1])) if line else peak_kib
+        except (OSError, IndexError, ValueError):  # the process is exiting
+            pass
         if time.monotonic() > deadline:
-            raise subprocess.TimeoutExpired(str(pid), timeout)
-        time.sleep(0.05)
+            process.kill()
+            process.wait()
+            raise TasaError(f"{tool} ran past {timeout:.0f} s and was stopped")
+        time.sleep(0.02)
+    return peak_kib
 
 
 def llama_perplexity(model: Path, text_file: Path, *, ctx: int = 512, chunks: int = 4, threads: int = 2) -> float:

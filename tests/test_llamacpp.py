@@ -148,5 +148,5 @@ def test_llama_bench_reports_throughput_and_its_own_memory(smol_gguf):
 
     result = llama_bench(smol_gguf, n_prompt=32, n_gen=8, threads=1, reps=1)
     assert result.prompt_tok_s > 0 and result.decode_tok_s > 0
-    # the ~120 MB file is mapped in; the Python test process (GBs) must not be what is reported
-    assert 100 < result.peak_rss_mib < 2048, result
+    # the ~120 MB file is mapped in; the Python test process (GBs, holding SmolLM2) must not be what is reported
+    assert 100 < result.peak_rss_mib < 1024, result  # measured 131 MiB for the 118 MB file
