@@ -50,3 +50,13 @@ def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
     model.save_pretrained(out)
     smollm2.tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny-model tests: small matmuls run ~10x faster on one thread than on two contended ones
+    (OpenMP spin-waits). Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,13 +33,7 @@ WORDS = ("the a cat dog sat ran on under mat tree red blue big small and then it
          "three four five plus minus equals apples has how many what is answer question").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,7 @@ def _rows(rng: random.Random) -> dict[str, list[dict]]:
     return {"ppl": prose, "math": math, "arc": arc}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run ~10x faster on one thread than on two contended ones (OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
