@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
-import gguf
 import torch
 
-from tasa_deploy.artifacts import BitPlan, ModulePlan, save_artifact, write_json_atomic
-from tasa_deploy.exporters.gguf import export_dense_gguf, export_gguf
-from tasa_deploy.exporters.llamacpp import imatrix_for_model, llama_bench, llama_perplexity, llama_quantize
-from tasa_deploy.model import load_model, quantizable_modules
-from tasa_deploy.quant.rtn import quantize_rtn
-from tasa_deploy.quant.spec import QuantSpec
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import machine, run_main  # noqa: E402
+from tasa_deploy.artifacts import BitPlan, ModulePlan, save_artifact, write_json_atomic  # noqa: E402
+from tasa_deploy.exporters.gguf import export_dense_gguf, export_gguf, linear_bits_per_weight  # noqa: E402
+from tasa_deploy.exporters.llamacpp import imatrix_for_model, llama_bench, llama_perplexity, llama_quantize  # noqa: E402
+from tasa_deploy.model import load_model, quantizable_modules  # noqa: E402
+from tasa_deploy.quant.rtn import quantize_rtn  # noqa: E402
+from tasa_deploy.quant.spec import QuantSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "gguf_smollm2.json"
-
-
-def linear_bits_per_weight(path: Path) -> float:
-    """Stored bits / weights over the blk.* 2-D tensors of a GGUF file."""
-    tensors = [t for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
-    return sum(int(t.n_bytes) * 8 for t in tensors) / sum(int(t.n_elements) for t in tensors)
 
 
 def uniform_rtn_artifact(loaded, type_name: str, out: Path) -> Path:
@@ -116,11 +110,11 @@ def main() -> None:
     for row, artifact in zip(rows[len(rows) - len(args.artifacts):], args.artifacts):
         row["plan"] = plan_summary(artifact)
     write_json_atomic(RESULTS, {"model": "SmolLM2-135M-Instruct", "date": datetime.date.today().isoformat(),
-                                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+                                "machine": machine(),
                                 "ctx": 512, "chunks": args.chunks, "threads": args.threads,
                                 "embeddings": "f16 in every row", "rows": rows})
     print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -29,8 +28,11 @@ import threading
 import time
 from pathlib import Path
 
-from tasa_deploy import UsageError
-from tasa_deploy.artifacts import write_json_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import machine, run_main  # noqa: E402
+from tasa_deploy import UsageError  # noqa: E402
+from tasa_deploy.artifacts import write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "pipeline_cost.json"
@@ -189,13 +191,6 @@ def measure_scaling(model_name: str, config: dict, work: Path) -> dict:
     return {"by_layers": by_layers, "by_objectives": by_objectives, **scaling_fits(by_layers, by_objectives)}
 
 
-def machine() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -246,8 +241,4 @@ def print_summary(report: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

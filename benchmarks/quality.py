@@ -33,7 +33,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import machine, run_main  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
 from tasa_deploy.artifacts import read_json, write_json_atomic  # noqa: E402
 from tasa_deploy.model import cache_root  # noqa: E402
@@ -252,14 +252,6 @@ def build_our_row(name: str, model: str, quant: QuantSettings, root: Path) -> tu
                          "alpha": artifact.plan.info.get("alpha"), "budget_bits": artifact.plan.budget_bits}
 
 
-def gguf_bits_per_weight(path: Path) -> float:
-    """Stored bits / weights over the quantized linears (2-D blk.* tensors) of a GGUF file."""
-    import gguf
-
-    tensors = [t for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
-    return sum(int(t.n_bytes) * 8 for t in tensors) / sum(int(t.n_elements) for t in tensors)
-
-
 def calibration_mixture_tokens(model: str, quant: QuantSettings, root: Path):
     """[n, T] rows of the TASA calibration mixture (the shared mix.json), as GPTQ sees them."""
     from tasa_deploy import pipeline
@@ -276,7 +268,7 @@ def calibration_mixture_tokens(model: str, quant: QuantSettings, root: Path):
 def build_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
     """llama-quantize Q3_K_M / Q4_K_M (embeddings kept f16) from an F16 GGUF of the same base."""
     from tasa_deploy.artifacts import atomic_path
-    from tasa_deploy.exporters.gguf import export_dense_gguf
+    from tasa_deploy.exporters.gguf import export_dense_gguf, linear_bits_per_weight
     from tasa_deploy.exporters.llamacpp import imatrix_for_model, llama_quantize
     from tasa_deploy.model import resolve_model_dir
 
@@ -298,18 +290,18 @@ def build_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> t
         ftype = name.removeprefix("llamacpp-").removesuffix("-imatrix").upper()
         with atomic_path(out) as tmp:
             llama_quantize(base, tmp, ftype, imatrix=imatrix, embedding_type="f16")
-    return out, {"bpw": gguf_bits_per_weight(out), "build_seconds": round(time.perf_counter() - start, 1),
+    return out, {"bpw": linear_bits_per_weight(out), "build_seconds": round(time.perf_counter() - start, 1),
                  "file_bytes": out.stat().st_size}
 
 
 def build_tasa_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
     """TASA planned over GGML types (`quantize --target gguf`) at llama-quantize Q3_K_M's bits per weight over
     the same tensors, GPTQ'd onto those grids, exported losslessly: the like-for-like rival of Q3_K_M."""
-    from tasa_deploy.exporters.gguf import export_gguf
+    from tasa_deploy.exporters.gguf import export_gguf, linear_bits_per_weight
 
     start = time.perf_counter()
     q3_k_m, _ = build_gguf_row("llamacpp-q3_k_m", model, quant, root)
-    budget = round(gguf_bits_per_weight(q3_k_m), 4)  # 4.6344 on SmolLM2 (its 576-wide rows take block-32 types)
+    budget = round(linear_bits_per_weight(q3_k_m), 4)  # 4.6344 on SmolLM2 (its 576-wide rows take block-32 types)
     work = root / "work-tasa-gguf"
     work.mkdir(parents=True, exist_ok=True)
     mix_file = shared_work_dir(model, quant, root) / "mix.json"  # same mixture as every TASA row
@@ -320,7 +312,7 @@ def build_tasa_gguf_row(name: str, model: str, quant: QuantSettings, root: Path)
     out = root / "gguf" / f"{name}.gguf"
     if not out.is_file():
         export_gguf(request.out, out)
-    return out, {"bpw": gguf_bits_per_weight(out), "budget_bits": budget, "stage_seconds": stage_seconds,
+    return out, {"bpw": linear_bits_per_weight(out), "budget_bits": budget, "stage_seconds": stage_seconds,
                  "build_seconds": round(time.perf_counter() - start, 1), "file_bytes": out.stat().st_size}
 
 
@@ -359,14 +351,6 @@ def run_row(name: str, model: str, quant: QuantSettings, settings: EvalSettings,
     return row
 
 
-def machine() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -400,8 +384,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -23,7 +23,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import gguf
 import numpy as np
@@ -229,6 +229,18 @@ def export_dense_gguf(model_dir: Path, out: Path, *, dtype: str = "f16", force: 
     tensors, _, _ = gguf_tensors(config, {}, state, embedding_type=dtype)
     write_gguf(Path(out), config, model_dir, tensors, force=force)
     return Path(out)
+
+
+def stored_bits_per_weight(tensors: Iterable) -> float:
+    """Stored bits / weights over GGUFReader tensors, read from the file's bytes (0.0 for no weights)."""
+    tensors = list(tensors)
+    return sum(int(t.n_bytes) * 8 for t in tensors) / max(sum(int(t.n_elements) for t in tensors), 1)
+
+
+def linear_bits_per_weight(path: Path) -> float:
+    """Stored bits per weight over a GGUF file's quantized linears (its 2-D `blk.*` tensors)."""
+    return stored_bits_per_weight(t for t in gguf.GGUFReader(path).tensors
+                                  if t.name.startswith("blk.") and len(t.shape) == 2)
 
 
 def _type_name(qtype: gguf.GGMLQuantizationType) -> str:

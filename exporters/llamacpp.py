@@ -21,6 +21,7 @@ import re
 import struct
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -75,7 +76,8 @@ def run_tool_measured(tool: str, args: list[str], *, timeout: float = 1800,
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen([str(directory / tool), *args], stdout=out, stderr=err, text=True)
         peak_kib = _poll_peak_rss(process, timeout, tool)
-        out.seek(0), err.seek(0)
+        out.seek(0)
+        err.seek(0)
         stdout, stderr = out.read(), err.read()
     if process.returncode != 0:
         tail = " | ".join((stdout + stderr).strip().splitlines()[-4:])
@@ -85,8 +87,6 @@ def run_tool_measured(tool: str, args: list[str], *, timeout: float = 1800,
 
 def _poll_peak_rss(process: subprocess.Popen, timeout: float, tool: str) -> int:
     """Wait for `process` (killing it past `timeout` s); returns the largest VmHWM (KiB) read meanwhile."""
-    import time
-
     deadline, peak_kib = time.monotonic() + timeout, 0
     status_file = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:
@@ -316,12 +316,11 @@ def export_gguf_via_llama_quantize(artifact_dir: Path, out: Path, base_model_dir
 def report_from_file(path: Path, planned: Mapping[str, str]):
     """GGUFExportReport of an existing GGUF: types from its tensor table, bpw over the planned tensors,
     and a warning for each planned tensor whose stored type differs from the plan."""
-    from tasa_deploy.exporters.gguf import GGUFExportReport
+    from tasa_deploy.exporters.gguf import GGUFExportReport, stored_bits_per_weight
 
     tensors = gguf.GGUFReader(path).tensors
     types = {t.name: t.tensor_type.name.lower() for t in tensors}
-    stored = [t for t in tensors if t.name in planned]
-    bpw = sum(int(t.n_bytes) * 8 for t in stored) / max(sum(int(t.n_elements) for t in stored), 1)
+    bpw = stored_bits_per_weight(t for t in tensors if t.name in planned)
     warnings = tuple(f"{name}: planned {want}, llama-quantize stored {types.get(name)}"
                      for name, want in planned.items() if types.get(name) != want)
     return GGUFExportReport(path, path.stat().st_size, types, bpw, warnings)
