@@ -5,8 +5,6 @@ artifact and print a rich summary — nothing more. Errors are one line on stder
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -128,17 +128,17 @@ def retarget_plan(plan: BitPlan, model: torch.nn.Module, target: str, log: Log) 
         return plan
     if (plan.target, target) != ("vllm", "gguf"):
         raise UsageError(f"cannot move a {plan.target} plan to target {target}; re-plan for {target} instead")
+    from tasa_deploy.bits import plan_average_bits
+
     linears = quantizable_modules(model)
     modules = {name: ModulePlan(QuantSpec.for_ggml(gguf_type_for(module.spec.bits, linears[name].in_features)),
                                 module.method) for name, module in plan.modules.items()}
     moved = BitPlan(plan.model_fingerprint, target, modules, None, None,
                     {**plan.info, "retargeted_from": {"target": plan.target, "average_bits": plan.average_bits}})
-    from tasa_deploy.bits import plan_average_bits
-
-    shapes = {name: tuple(linears[name].weight.shape) for name in modules}
-    average = plan_average_bits(moved, shapes)
-    log(f"plan moved from {plan.target} to {target}: {plan.average_bits or 0:.3f} nominal -> {average:.3f} true bpw")
-    return BitPlan(moved.model_fingerprint, target, modules, None, average, moved.info)
+    moved = replace(moved, average_bits=plan_average_bits(moved, {n: tuple(linears[n].weight.shape) for n in modules}))
+    log(f"plan moved from {plan.target} to {target}: {plan.average_bits or 0:.3f} nominal -> "
+        f"{moved.average_bits:.3f} true bpw")
+    return moved
 
 
 def gguf_type_for(bits: int, in_features: int) -> str:

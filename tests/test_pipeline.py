@@ -1,7 +1,5 @@
 """End-to-end CLI/pipeline tests on a tiny random Llama: quantize -> artifact -> inspect/eval, resume, bad input."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -9,7 +7,7 @@ from typer.testing import CliRunner
 from tasa_deploy.artifacts import BitPlan, load_artifact
 from tasa_deploy.cli import app
 from tasa_deploy.model import load_artifact_model, load_model, model_fingerprint
-from tasa_deploy.pipeline import QuantizeRequest, run_quantize, uniform_plan
+from tasa_deploy.pipeline import uniform_plan
 from tasa_deploy.quant import QuantSpec, quantize_rtn
 from tasa_deploy.quantize import quantize_model
 

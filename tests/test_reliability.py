@@ -3,7 +3,6 @@ atomic; identical runs give identical bytes; no pickle; memory is checked up fro
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -76,22 +76,31 @@ def choice_pairs(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]
     return pairs
 
 
-def choice_token_logprobs(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[torch.Tensor]]:
-    """Per-token log-probabilities of every choice: for each row, one 1-D tensor per choice."""
-    pairs = choice_pairs(tokenizer, rows)
-    logprobs = continuation_logprobs(model, pairs, batch_size)
+def _per_row(rows: list[dict], per_choice: list) -> list[list]:
+    """Split a flat per-choice list (rows in order, choices in order) into one list per row."""
     grouped, k = [], 0
     for row in rows:
-        n = len(row["choices"])
-        grouped.append(logprobs[k:k + n])
-        k += n
+        grouped.append(per_choice[k:k + len(row["choices"])])
+        k += len(row["choices"])
     return grouped
+
+
+def choice_token_logprobs(model, tokenizer, rows: list[dict],
+                          batch_size: int = 16) -> tuple[list[list[list[int]]], list[list[torch.Tensor]]]:
+    """(token ids, per-token log-probabilities) of every choice's continuation, one list per row."""
+    pairs = choice_pairs(tokenizer, rows)
+    return (_per_row(rows, [continuation for _, continuation in pairs]),
+            _per_row(rows, continuation_logprobs(model, pairs, batch_size)))
+
+
+def _summed(token_logprobs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Summed log-likelihood of each choice: one [n_choices] float64 tensor per row."""
+    return [torch.tensor([lp.double().sum().item() for lp in per_choice]) for per_choice in token_logprobs]
 
 
 def choice_loglikelihoods(model, tokenizer, rows: list[dict], batch_size: int = 16) -> list[torch.Tensor]:
     """Summed log-likelihood of each choice: one [n_choices] float64 tensor per row."""
-    return [torch.tensor([lp.double().sum().item() for lp in per_choice])
-            for per_choice in choice_token_logprobs(model, tokenizer, rows, batch_size)]
+    return _summed(choice_token_logprobs(model, tokenizer, rows, batch_size)[1])
 
 
 def token_average_scores(choice_ids: list[list[int]], logprobs: list[torch.Tensor]) -> torch.Tensor:
@@ -114,11 +123,11 @@ def score_rows(rows: list[dict], loglikelihoods: list[torch.Tensor]) -> tuple[fl
     return correct / len(rows), correct_norm / len(rows)
 
 
-def token_average_accuracy(tokenizer, rows: list[dict], token_logprobs: list[list[torch.Tensor]]) -> float:
-    correct = 0
-    for row, per_choice in zip(rows, token_logprobs):
-        ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in row["choices"]]
-        correct += int(token_average_scores(ids, per_choice).argmax()) == row["label"]
+def token_average_accuracy(rows: list[dict], choice_ids: list[list[list[int]]],
+                           token_logprobs: list[list[torch.Tensor]]) -> float:
+    """Accuracy under llama.cpp's rule (`token_average_scores`) given each row's choice ids and log-probs."""
+    correct = sum(int(token_average_scores(ids, per_choice).argmax()) == row["label"]
+                  for row, ids, per_choice in zip(rows, choice_ids, token_logprobs))
     return correct / len(rows)
 
 
@@ -134,11 +143,10 @@ def evaluate_multiple_choice(model, tokenizer, task: str, limit: int | None = No
     rows = list(rows)[:limit]
     if not rows:
         raise UsageError(f"no rows to evaluate for {task}")
-    token_logprobs = choice_token_logprobs(model, tokenizer, rows, batch_size)
-    sums = [torch.tensor([lp.double().sum().item() for lp in per_choice]) for per_choice in token_logprobs]
-    acc, acc_norm = score_rows(rows, sums)
+    choice_ids, token_logprobs = choice_token_logprobs(model, tokenizer, rows, batch_size)
+    acc, acc_norm = score_rows(rows, _summed(token_logprobs))
     return MCResult(task=task, acc=acc, acc_norm=acc_norm, n=len(rows),
-                    acc_tokavg=token_average_accuracy(tokenizer, rows, token_logprobs))
+                    acc_tokavg=token_average_accuracy(rows, choice_ids, token_logprobs))
 
 
 def choice_nll(model, tokenizer, rows: list[dict]) -> float:
