@@ -76,7 +76,7 @@ def main() -> None:
             rows.append(flatten(name, source, evaluate(source, args.tasks.split(","), args.limit)))
     report = {"machine": f"{platform.machine()} {platform.processor() or ''} (CPU)".strip(),
               "date": datetime.date.today().isoformat(), "tasks": args.tasks, "limit": args.limit, "rows": rows}
-    write_json_atomic(args.out, report)
+    write_json_atomic(args.out, report, foreign_ok=True)
     args.out.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))
 

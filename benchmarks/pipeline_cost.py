@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
               "total_stage_seconds": round(sum(s["seconds"] for s in stages), 2),
               "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "profile_scaling": scaling}
-    write_json_atomic(args.out, report)
+    write_json_atomic(args.out, report, foreign_ok=True)
     print_summary(report)
     return report
 

@@ -99,7 +99,7 @@ def plot_quality(report: dict, png_path: Path) -> Path:
     axes[1].set_yscale("log")
     fig.suptitle(f"{report['model']}: quality vs size")
     fig.tight_layout()
-    with atomic_path(Path(png_path), force=True) as tmp:
+    with atomic_path(Path(png_path), force=True, foreign_ok=True) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return Path(png_path)
@@ -108,9 +108,9 @@ def plot_quality(report: dict, png_path: Path) -> Path:
 def write_reports(report: dict, out_dir: Path) -> None:
     """quality.json, quality.md and quality.png under `out_dir`, plus the rich table on stdout."""
     out_dir = Path(out_dir)
-    write_json_atomic(out_dir / "quality.json", report)
+    write_json_atomic(out_dir / "quality.json", report, foreign_ok=True)
     markdown = f"# Quality table\n\n{markdown_table(report)}\n\n{caption(report)}\n"
-    with atomic_path(out_dir / "quality.md", force=True) as tmp:
+    with atomic_path(out_dir / "quality.md", force=True, foreign_ok=True) as tmp:
         tmp.write_text(markdown, encoding="utf-8")
     plot_quality(report, out_dir / "quality.png")
     print_rich_table(report)

@@ -184,7 +184,7 @@ def run_request(request) -> dict:
     if (request.out / "quantized.json").is_file():
         return read_json(seconds_file, "stage seconds") if seconds_file.is_file() else {}
     _, summary = run_quantize(request, log=lambda m: print(f"  {m}", file=sys.stderr))
-    write_json_atomic(seconds_file, summary["stage_seconds"])
+    write_json_atomic(seconds_file, summary["stage_seconds"], foreign_ok=True)
     return summary["stage_seconds"]
 
 
@@ -285,10 +285,10 @@ def build_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> t
             imatrix = folder / "imatrix-mix.gguf"
             if not imatrix.is_file():
                 tokens = calibration_mixture_tokens(model, quant, root)
-                with atomic_path(imatrix) as tmp:
+                with atomic_path(imatrix, force=True, foreign_ok=True) as tmp:
                     imatrix_for_model(Path(resolve_model_dir(model)), tokens, tmp)
         ftype = name.removeprefix("llamacpp-").removesuffix("-imatrix").upper()
-        with atomic_path(out) as tmp:
+        with atomic_path(out, force=True, foreign_ok=True) as tmp:
             llama_quantize(base, tmp, ftype, imatrix=imatrix, embedding_type="f16")
     return out, {"bpw": linear_bits_per_weight(out), "build_seconds": round(time.perf_counter() - start, 1),
                  "file_bytes": out.stat().st_size}
@@ -346,7 +346,7 @@ def run_row(name: str, model: str, quant: QuantSettings, settings: EvalSettings,
     row = {"name": name, "bpw": info.pop("bpw"), **cells, "task_score": task_score(cells),
            "eval_seconds": round(time.perf_counter() - eval_start, 1),
            "wall_seconds": round(time.perf_counter() - start, 1), **info}
-    write_json_atomic(cache, row)
+    write_json_atomic(cache, row, foreign_ok=True)
     print(f"[{name}] done in {row['wall_seconds']} s", file=sys.stderr)
     return row
 

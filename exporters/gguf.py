@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import atomic_path, load_artifact
+from tasa_deploy.artifacts import load_artifact
+from tasa_deploy.outputs import TAG, atomic_path, check_output
 from tasa_deploy.exporters import gguf_vocab
 from tasa_deploy.exporters.gguf_pack import GGUF_QTYPE, pack_quantized
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
@@ -123,6 +124,7 @@ def _rope_theta(config: Mapping) -> float:
 def _write_metadata(writer: gguf.GGUFWriter, config: Mapping, file_type: str) -> None:
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_string("general.quantized_by", TAG)  # early in the header: outputs.py recognises our files by it
     writer.add_name(str(config.get("_name_or_path") or config.get("_model_name_or_path") or "tasa-quantized"))
     writer.add_block_count(int(config["num_hidden_layers"]))
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
@@ -192,13 +194,13 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
 
 
 def write_gguf(out: Path, config: Mapping, tokenizer_dir: Path, tensors: Mapping, *, force: bool = False,
-               pre_tokenizer: str | None = None) -> list[str]:
+               pre_tokenizer: str | None = None, inputs: tuple[Path, ...] = ()) -> list[str]:
     """Write metadata, tokenizer and `tensors` ({name: (data, type)}) to `out` atomically; returns warnings."""
     arch, _ = gguf_architecture(config)
     vocab = gguf_vocab.read_vocab(Path(tokenizer_dir), int(config["vocab_size"]), pre_tokenizer)
     linear_types = Counter(_type_name(t) for name, (_, t) in tensors.items() if name.startswith("blk.")
                            and t != FLOAT_TYPES["f32"])
-    with atomic_path(Path(out), force=force) as tmp:
+    with atomic_path(Path(out), force=force, inputs=(*inputs, Path(tokenizer_dir))) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         _write_metadata(writer, config, linear_types.most_common(1)[0][0] if linear_types else "f32")
         gguf_vocab.add_to_writer(vocab, writer)
@@ -219,12 +221,11 @@ def export_dense_gguf(model_dir: Path, out: Path, *, dtype: str = "f16", force: 
     from tasa_deploy.artifacts import read_json
 
     model_dir = Path(model_dir)
-    config = read_json(model_dir / "config.json", "model config")
+    config = read_json(model_dir / "config.json", "model config", allow_nonfinite=True)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise UsageError(f"{model_dir} has no *.safetensors weights")
-    if Path(out).exists() and not force:
-        raise UsageError(f"output {out} already exists; pass --force to overwrite it")
+    check_output(Path(out), force=force, inputs=(model_dir,))
     state = {k: v for f in files for k, v in load_file(str(f)).items()}
     tensors, _, _ = gguf_tensors(config, {}, state, embedding_type=dtype)
     write_gguf(Path(out), config, model_dir, tensors, force=force)
@@ -250,13 +251,13 @@ def _type_name(qtype: gguf.GGMLQuantizationType) -> str:
 def export_gguf(artifact_dir: Path, out: Path, *, force: bool = False, type_map: dict[int, str] | None = None,
                 embedding_type: str = "f16", pre_tokenizer: str | None = None) -> GGUFExportReport:
     """Write `out` (a .gguf) from the quantized artifact in `artifact_dir`; see the module docstring."""
-    artifact = load_artifact(Path(artifact_dir))
     out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists; pass --force to overwrite it")
+    check_output(out, force=force, inputs=(Path(artifact_dir),))
+    artifact = load_artifact(Path(artifact_dir))
     tensors, warnings, bpw = gguf_tensors(artifact.config, artifact.modules, artifact.tensors, type_map=type_map,
                                           embedding_type=embedding_type)
-    warnings += write_gguf(out, artifact.config, artifact.path, tensors, force=force, pre_tokenizer=pre_tokenizer)
+    warnings += write_gguf(out, artifact.config, artifact.path, tensors, force=force, pre_tokenizer=pre_tokenizer,
+                           inputs=(Path(artifact_dir),))
     for note in warnings:
         log.warning(note)
     types = {name: _type_name(qtype) for name, (_, qtype) in tensors.items()}

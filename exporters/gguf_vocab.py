@@ -66,7 +66,7 @@ def _adds_bos(model_dir: Path, tokenizer: dict) -> bool:
     """tokenizer_config's add_bos_token if set, else whether the post-processor template starts with a token."""
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
-        flag = read_json(config_path, "tokenizer config").get("add_bos_token")
+        flag = read_json(config_path, "tokenizer config", allow_nonfinite=True).get("add_bos_token")
         if flag is not None:
             return bool(flag)
     single = (tokenizer.get("post_processor") or {}).get("single") or []

@@ -274,9 +274,9 @@ def imatrix_for_model(model_dir: Path, calibration_tokens: torch.Tensor, path: P
     from tasa_deploy.exporters.gguf import gguf_architecture
     from tasa_deploy.model import quantizable_modules
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     arch, _ = gguf_architecture(config.to_dict())
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     stats = collect_input_sq_sums(model, quantizable_modules(model), calibration_tokens)
     named = {name_map.get_name(f"{k}.weight", try_suffixes=(".weight",)): v for k, v in stats.items()}
@@ -290,12 +290,12 @@ def export_gguf_via_llama_quantize(artifact_dir: Path, out: Path, base_model_dir
     """GGUF with the plan's per-tensor types, quantized by llama-quantize itself from the base weights
     (with an importance matrix from `calibration_tokens` [n, T] when given). Returns a GGUFExportReport
     read back from the written file."""
-    from tasa_deploy.artifacts import atomic_path, load_artifact
+    from tasa_deploy.artifacts import load_artifact
     from tasa_deploy.exporters.gguf import export_dense_gguf
+    from tasa_deploy.outputs import atomic_path, check_output
 
+    check_output(Path(out), force=force, inputs=(Path(artifact_dir), Path(base_model_dir)))
     artifact = load_artifact(Path(artifact_dir))
-    if Path(out).exists() and not force:
-        raise UsageError(f"output {out} already exists; pass --force to overwrite it")
     if calibration_tokens is not None and calibration_tokens.ndim != 2:
         raise UsageError(f"calibration tokens must be [n, T], got shape {tuple(calibration_tokens.shape)}")
     types = planned_gguf_types(artifact, type_map)
@@ -307,7 +307,7 @@ def export_gguf_via_llama_quantize(artifact_dir: Path, out: Path, base_model_dir
         type_file.write_text("".join(f"^{re.escape(name)}$={t}\n" for name, t in types.items()))
         imatrix = imatrix_for_model(Path(base_model_dir), calibration_tokens, work / "imatrix.gguf") \
             if calibration_tokens is not None else None
-        with atomic_path(Path(out), force=force) as tmp:
+        with atomic_path(Path(out), force=force, inputs=(Path(artifact_dir),)) as tmp:
             llama_quantize(base, tmp, FTYPE_FOR_TYPE[dominant], imatrix=imatrix, tensor_type_file=type_file,
                            embedding_type=embedding_type)
     return report_from_file(Path(out), types)

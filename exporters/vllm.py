@@ -34,7 +34,8 @@ from typing import Mapping
 import torch
 
 from tasa_deploy import TasaError, UsageError
-from tasa_deploy.artifacts import QuantizedArtifact, atomic_path, load_artifact
+from tasa_deploy.artifacts import QuantizedArtifact, load_artifact
+from tasa_deploy.outputs import atomic_path, check_output
 from tasa_deploy.model import FUSED_GROUPS
 from tasa_deploy.quant.tensor import QuantizedTensor
 
@@ -197,6 +198,7 @@ def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False) -> Vl
 
     from safetensors.torch import save_file
 
+    check_output(Path(out_dir), is_dir=True, force=force, inputs=(Path(artifact_dir),))
     artifact = load_artifact(Path(artifact_dir))
     if not artifact.modules:
         raise UsageError(f"{artifact_dir} has no quantized modules; nothing to export")
@@ -210,7 +212,7 @@ def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False) -> Vl
         tensors.update(pack_module(name, qt, scheme_of[name]))
     config = {**artifact.config, "dtype": dtype_name, "torch_dtype": dtype_name,
               "quantization_config": quantization_config_dict(schemes)}
-    with atomic_path(Path(out_dir), is_dir=True, force=force) as tmp:
+    with atomic_path(Path(out_dir), is_dir=True, force=force, inputs=(Path(artifact_dir),)) as tmp:
         copy_side_files(artifact.path, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -8,17 +8,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
 from tasa_deploy import TasaError, UsageError
+from tasa_deploy.outputs import check_output, write_json_atomic
 
 console = Console(stderr=True)
 out_console = Console()
 STATE = {"debug": False}
+
+
+# Exceptions the CLI framework raises for its own control flow (--help, usage errors, Ctrl-C prompts). They are
+# recognised by name and module, not by class: typer >= 0.29 vendors click (`typer._click`), so its Exit/Abort/
+# UsageError no longer derive from click's, and either hierarchy may change again.
+_FRAMEWORK_MODULES = ("click", "typer")
+_FRAMEWORK_CLASSES = {"Exit", "Abort", "ClickException"}
+
+
+def is_framework_exception(exc: BaseException) -> bool:
+    """True for click's or typer's Exit / Abort / ClickException (and subclasses), whatever their hierarchy."""
+    return any(cls.__name__ in _FRAMEWORK_CLASSES and cls.__module__.split(".")[0] in _FRAMEWORK_MODULES
+               for cls in type(exc).__mro__)
 
 
 class _OneLineErrors(TyperGroup):
@@ -33,12 +46,12 @@ class _OneLineErrors(TyperGroup):
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            console.print("interrupted; rerun the same command to resume from the last completed stage/layer")
+            resumable = getattr(ctx, "invoked_subcommand", None) in ("quantize", "profile")
+            console.print("interrupted; " + ("rerun the same command to resume from the last completed stage/layer"
+                                             if resumable else "nothing was written"))
             raise typer.Exit(130) from None
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
         except Exception as exc:  # an unexpected failure: still one line, the traceback only with --debug
-            if STATE["debug"]:
+            if STATE["debug"] or is_framework_exception(exc):
                 raise
             console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                           highlight=False, soft_wrap=True)
@@ -152,17 +165,18 @@ def mix(
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest
 
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists; pass --force to overwrite it")
-    sources = QuantizeRequest(tasks=_csv(tasks)).task_sources
+    check_output(out, force=force)
+    sources = QuantizeRequest(tasks=_csv(tasks), mix_samples=samples, seq_len=seq_len, seed=seed).task_sources
     try:
         grid = tuple(float(a) for a in _csv(alphas))
     except ValueError:
         raise UsageError(f"--alphas must be numbers, got '{alphas}'") from None
+    if not grid or any(not 0.0 <= a <= 1.0 for a in grid):  # also refuses nan
+        raise UsageError(f"--alphas must be numbers in [0, 1], got '{alphas}'")
     loaded = load_model(model)
     result = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=general, tasks=sources, alphas=grid,
                                       n_samples=samples, seq_len=seq_len, seed=seed)
-    result.save(out)
+    result.save(out, force=force)
     out_console.print(_table("calibration mixtures (alpha = general share)", mix_stage.mix_table_rows(result)))
     out_console.print(f"chosen alpha = {result.alpha}; wrote {out}")
 
@@ -178,6 +192,7 @@ def profile(
     seq_len: Annotated[int, typer.Option()] = 256,
     seed: Annotated[int, typer.Option()] = 0,
     top_k: Annotated[int, typer.Option(help="Show the k most sensitive layers per objective.")] = 5,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing profile written by tasa-deploy.")] = False,
 ) -> None:
     """Measure per-layer, per-objective RTN sensitivity; write profile.json (resumes per layer)."""
     from tasa_deploy import plan as plan_stage
@@ -185,13 +200,15 @@ def profile(
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest
 
-    request = QuantizeRequest(tasks=_csv(tasks), target=target, candidates=_ints(candidates))
+    request = QuantizeRequest(tasks=_csv(tasks), target=target, candidates=_ints(candidates),
+                              probe_samples=probe_samples, seq_len=seq_len, seed=seed)
+    check_output(out, force=force)
     loaded = load_model(model)
     result = profile_stage.measure_profile(
         loaded.model, loaded.tokenizer, objectives=request.objectives, target=target,
         probe_bits=min(request.candidates), candidate_bits=request.candidates, n_probe=probe_samples,
         seq_len=seq_len, seed=seed, partial_path=out.with_name(out.name + ".partial"))
-    result.save(out)
+    result.save(out, force=force)
     _print_profile_diagnostics(plan_stage, result, top_k)
     out_console.print(f"wrote {out}")
 
@@ -213,17 +230,29 @@ def plan(
     beta: Annotated[float, typer.Option()] = 0.5,
     candidates: Annotated[str, typer.Option()] = "3,4,8",
     plot: Annotated[Optional[Path], typer.Option(help="PNG of sensitivity and chosen bits per layer.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite outputs written by tasa-deploy.")] = False,
 ) -> None:
     """Re-plan from an existing profile for a budget (seconds, no model needed); write tasa_plan.json."""
     from tasa_deploy import plan as plan_stage
     from tasa_deploy.artifacts import SensitivityProfile
 
+    import math
+
+    if not math.isfinite(bits) or not math.isfinite(beta) or not 0.0 <= beta <= 1.0:
+        raise UsageError(f"--bits must be finite and --beta in [0, 1], got {bits} and {beta}")
+    if target not in ("vllm", "gguf"):
+        raise UsageError(f"--target must be vllm or gguf, got {target}")
+    for path in (out, plot):
+        if path is not None:
+            check_output(path, force=force, inputs=(profile_path,))
+    if plot is not None and plot.absolute() == out.absolute():
+        raise UsageError(f"--plot and --out are the same file ({out})")
     loaded_profile = SensitivityProfile.load(profile_path)
     result = plan_stage.build_plan(loaded_profile, bits, target=target, beta=beta, candidates=_ints(candidates))
-    result.save(out)
+    result.save(out, force=force, inputs=(profile_path,))
     out_console.print(_table("bits per layer", plan_stage.plan_table(result)))
     if plot:
-        plan_stage.save_plan_plot(loaded_profile, result, plot)
+        plan_stage.save_plan_plot(loaded_profile, result, plot, force=force, inputs=(profile_path,))
     out_console.print(f"average {result.average_bits:.4f} bpw (budget {bits}); wrote {out}")
 
 
@@ -236,6 +265,7 @@ def evaluate(
     backend: Annotated[str, typer.Option(help="torch (dequantized weights) | triton (packed kernels, CUDA).")] = "torch",
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw/ and gsm8k/ (default: ../shared/data).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write results as JSON.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a results file written by tasa-deploy.")] = False,
 ) -> None:
     """Evaluate a model or a quantized artifact on perplexity and task accuracy."""
     import os
@@ -253,6 +283,10 @@ def evaluate(
         raise UsageError(f"unknown eval task '{unknown[0]}'; known: {', '.join(EVALS)}")
     if backend not in ("torch", "triton"):
         raise UsageError(f"--backend must be torch or triton, got {backend}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    if out is not None:
+        check_output(out, force=force, inputs=(Path(model),))
     loaded = load_any(model, backend=backend)
     results = {}
     for task in _csv(tasks):
@@ -260,9 +294,8 @@ def evaluate(
     rows = [{"task": k, **{m: v for m, v in r.items() if isinstance(v, (int, float))}} for k, r in results.items()]
     out_console.print(_table(f"eval: {model}", rows))
     if out:
-        from tasa_deploy.artifacts import write_json_atomic
-
-        write_json_atomic(out, {"model": model, "results": results})
+        write_json_atomic(out, {"schema": "tasa-eval/1", "model": model, "results": results}, force=force,
+                          inputs=(Path(model),))
 
 
 @app.command()
@@ -274,6 +307,12 @@ def export(
     force: Annotated[bool, typer.Option("--force")] = False,
 ) -> None:
     """Export a quantized artifact for llama.cpp (GGUF) or vLLM (compressed-tensors)."""
+    if format not in ("gguf", "vllm"):
+        raise UsageError(f"unknown export format '{format}'; use --format gguf|vllm")
+    if via not in (None, "llama-quantize") or (via and format != "gguf"):
+        raise UsageError(f"--via must be llama-quantize and applies to --format gguf only, got '{via}'")
+    need = sum(f.stat().st_size for f in artifact.glob("*.safetensors")) if artifact.is_dir() else 0
+    check_output(out, is_dir=format == "vllm", force=force, inputs=(artifact,), need_bytes=need)
     if format == "gguf" and via is None:
         from tasa_deploy.exporters.gguf import export_gguf
 

@@ -56,6 +56,14 @@ class DataSource:
 
 # ---------------------------------------------------------------- locating files
 
+def check_data_dir() -> None:
+    """An explicit $TASA_DATA_DIR must exist (checked before any model is loaded)."""
+    env = os.environ.get("TASA_DATA_DIR")
+    if env and not Path(env).is_dir():
+        raise UsageError(f"TASA_DATA_DIR={env} is not a directory; point it at a folder holding "
+                         "wikitext-2-raw/ and gsm8k/")
+
+
 def shared_data_dir() -> Path | None:
     """$TASA_DATA_DIR, else the first `shared/data` dir found walking up from the cwd and from this repo."""
     env = os.environ.get("TASA_DATA_DIR")

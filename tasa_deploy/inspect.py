@@ -65,6 +65,9 @@ def _describe_mix(mix: CalibrationMix) -> list[Section]:
 def _describe_gguf(path: Path) -> list[Section]:
     from gguf import GGUFReader
 
+    from tasa_deploy.exporters.gguf_check import check_gguf_header
+
+    check_gguf_header(path)  # bounded-memory validation first: GGUFReader trusts the header's claimed counts
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # GGUFReader raises assorted errors on truncated/corrupt files

@@ -87,11 +87,14 @@ def _dequantized_gguf_dir(gguf_path: Path) -> Path:
     """An HF safetensors directory for `gguf_path`, converted once and cached by file digest."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasa_deploy.exporters.gguf_check import check_gguf_header
+
+    check_gguf_header(gguf_path)  # bounded-memory validation before transformers' GGUF loader (gguf-py) reads it
     cached = cache_root() / "models" / f"{gguf_path.stem}-{_file_digest(gguf_path)[:16]}"
     if (cached / "config.json").is_file():
         return cached
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the cached copy is plain float weights
     tmp = cached.with_name(cached.name + ".tmp")
@@ -146,22 +149,29 @@ def check_architecture(config) -> str:
     return model_type
 
 
+def load_config(model_dir: Path | str, source: str):
+    """The HF config of a resolved model dir; never runs the directory's own code (trust_remote_code=False)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"cannot read the model config of {source}: {first}") from None
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load model + tokenizer from an embedded name, a .gguf, a local HF dir or a hub id."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = resolve_model_dir(source)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the model config of {source}: {str(exc).splitlines()[0]}") from None
-    check_architecture(config)
+    check_architecture(load_config(model_dir, source))
     try:  # safetensors only: never unpickle a checkpoint
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     except OSError as exc:
         raise UsageError(f"cannot load weights of {source}: {str(exc).splitlines()[0]} "
                          "(tasa-deploy reads safetensors or GGUF only, never pickled .bin files)") from None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     model.eval()
     return LoadedModel(model, tokenizer, Path(model_dir), source)
 
@@ -224,9 +234,9 @@ def load_artifact_model(artifact_dir: Path, dtype: torch.dtype = torch.float32) 
     from tasa_deploy.artifacts import load_artifact
 
     artifact = load_artifact(Path(artifact_dir))
-    config = AutoConfig.from_pretrained(artifact_dir)
+    config = AutoConfig.from_pretrained(artifact_dir, trust_remote_code=False)
     check_architecture(config)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     missing, unexpected = model.load_state_dict(artifact.dense_state_dict(dtype), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
@@ -234,7 +244,7 @@ def load_artifact_model(artifact_dir: Path, dtype: torch.dtype = torch.float32) 
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
-    return LoadedModel(model, AutoTokenizer.from_pretrained(artifact_dir), Path(artifact_dir), str(artifact_dir))
+    return LoadedModel(model, AutoTokenizer.from_pretrained(artifact_dir, trust_remote_code=False), Path(artifact_dir), str(artifact_dir))
 
 
 def load_any(source: str, backend: str = "torch") -> LoadedModel:

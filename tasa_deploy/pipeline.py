@@ -10,7 +10,7 @@ each other: this module is the only place that knows their order.
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, save_artifact
+from tasa_deploy.artifacts import (BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers,
+                                   save_artifact)
 from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
 from tasa_deploy.quant.spec import QuantSpec, default_group_size
@@ -77,6 +78,20 @@ class QuantizeRequest:
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.quantizer not in ("gptq", "rtn"):
             raise UsageError(f"--quantizer must be gptq or rtn, got {self.quantizer}")
+        if not math.isfinite(self.bits) or not math.isfinite(self.beta) or not 0.0 <= self.beta <= 1.0:
+            raise UsageError(f"--bits must be finite and --beta in [0, 1], got {self.bits} and {self.beta}")
+        if self.method == "tasa" and self.plan_path is None and self.candidates and self.bits < min(self.candidates):
+            raise UsageError(f"--bits {self.bits} is below the narrowest candidate width {min(self.candidates)}: "
+                             "no plan can meet it; raise --bits or add a narrower --candidates width")
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            raise UsageError(f"--alpha must be a number in [0, 1], got {self.alpha}")
+        for name in ("calib_samples", "seq_len", "probe_samples", "probe_seq_len", "mix_samples"):
+            if not 1 <= getattr(self, name) <= 1 << 20:
+                raise UsageError(f"--{name.replace('_', '-')} must be in 1..{1 << 20}, got {getattr(self, name)}")
+        if not 0 <= self.seed < 1 << 32:
+            raise UsageError(f"--seed must be in 0..{(1 << 32) - 1}, got {self.seed}")
+        if self.group_size is not None and self.group_size < 1:
+            raise UsageError(f"--group-size must be positive, got {self.group_size}")
 
     @property
     def task_sources(self) -> tuple[str, ...]:
@@ -85,6 +100,12 @@ class QuantizeRequest:
     @property
     def objectives(self) -> tuple[str, ...]:
         return ("ppl", *dict.fromkeys(OBJECTIVE_FOR_TASK[s] for s in self.task_sources if s in OBJECTIVE_FOR_TASK))
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Local paths this request reads: an output must not overlap any of them."""
+        paths = [self.plan_path, Path(self.model).expanduser()]
+        return tuple(p for p in paths if p is not None and p.exists())
 
     @property
     def resolved_work_dir(self) -> Path:
@@ -163,11 +184,10 @@ def request_to_json(request: QuantizeRequest) -> dict:
     return {k: v for k, v in asdict(request).items() if k not in ("out", "work_dir", "force", "plan_path")}
 
 
-def copy_stage_files(work_dir: Path, out_dir: Path,
-                     names: tuple[str, ...] = ("mix.json", "profile.json", "tasa_plan.png")) -> None:
-    for name in names:
-        if (work_dir / name).is_file():
-            shutil.copy2(work_dir / name, out_dir / name)
+def stage_files(work_dir: Path, names: tuple[str, ...] = ("mix.json", "profile.json", "tasa_plan.png")
+                ) -> tuple[Path, ...]:
+    """The stage artifacts in `work_dir` that the quantized directory carries as provenance."""
+    return tuple(work_dir / name for name in names if (work_dir / name).is_file())
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -240,13 +260,24 @@ def calibration_tokens(loaded: LoadedModel, request: QuantizeRequest, mix: Calib
                                            request.seed)
 
 
-def _check_resources(request: QuantizeRequest) -> None:
-    from transformers import AutoConfig
+def check_quantize_preconditions(request: QuantizeRequest) -> None:
+    """Everything that can be checked in seconds, before the model is loaded: output, work dir, cache, data."""
+    from tasa_deploy.data import check_data_dir
+    from tasa_deploy.model import EMBEDDED, cache_root
+    from tasa_deploy.outputs import check_output, check_writable_dir
 
-    from tasa_deploy.model import check_architecture, resolve_model_dir
+    check_output(request.out, is_dir=True, force=request.force, inputs=request.inputs)
+    check_writable_dir(request.resolved_work_dir, "work directory")
+    if request.model in EMBEDDED or request.model.endswith(".gguf"):
+        check_writable_dir(cache_root(), "cache directory (TASA_CACHE)")
+    check_data_dir()
+
+
+def _check_resources(request: QuantizeRequest) -> None:
+    from tasa_deploy.model import check_architecture, load_config, resolve_model_dir
     from tasa_deploy.resources import check_memory, estimate_quantize_memory
 
-    config = AutoConfig.from_pretrained(resolve_model_dir(request.model))
+    config = load_config(resolve_model_dir(request.model), request.model)
     check_architecture(config)
     check_memory(estimate_quantize_memory(getattr(config, "text_config", config), request.calib_samples,
                                           request.seq_len))
@@ -256,8 +287,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     """All stages for one request; returns the artifact dir and a summary (stage times, plan bits)."""
     from tasa_deploy.quantize import GPTQSettings, quantize_model
 
-    if request.out.exists() and not request.force:
-        raise UsageError(f"output {request.out} already exists; pass --force to overwrite it")
+    check_quantize_preconditions(request)
     times = StageTimes()
     _check_resources(request)
     loaded = times.run("load", load_model, request.model)
@@ -267,6 +297,8 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     if request.plan_path is not None:
         plan = BitPlan.load(request.plan_path)
         plan.check_model(fingerprint, request.plan_path)
+        check_plan_covers(plan, {n: tuple(m.weight.shape) for n, m in quantizable_modules(loaded.model).items()},
+                          request.plan_path)
         if request.target == "gguf":  # the explicit, non-default target wins; --target vllm keeps the plan's
             plan = retarget_plan(plan, loaded.model, request.target, log)
         if (work_dir / "mix.json").is_file():
@@ -289,8 +321,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     if getattr(loaded.model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
     times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
-              tensors=tensors, force=request.force)
-    copy_stage_files(work_dir, request.out)
+              tensors=tensors, force=request.force, inputs=request.inputs, extra_files=stage_files(work_dir))
     summary = {"stage_seconds": times.seconds, "plan": plan, "alpha": mix.alpha if mix else None}
     if request.method == "tasa" and request.plan_path is None:
         from tasa_deploy import plan as plan_stage

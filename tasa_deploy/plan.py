@@ -8,7 +8,8 @@ BitPlan, with no model in the loop, so re-planning for another budget takes well
      unit and every candidate of the profile. Each objective then carries the same total mass 1, so losses on
      different scales (token NLL vs a multiple-choice loss) weigh equally. S_k depends only on the profile,
      not on the candidate subset or the budget, so plans for different budgets share one scale. An
-     objective with S_k = 0 (insensitive everywhere) contributes nothing.
+     objective with S_k = 0 (no candidate raises its loss anywhere) or a non-finite S_k cannot be normalized:
+     planning with it is a UsageError naming it, never a silent weight 0 while info reports its nominal weight.
   2. Aggregate (MOA, TASA arXiv 2607.00908): error(u, c) = beta * mean over reasoning objectives (math, arc)
      + (1 - beta) * mean over general objectives (GENERAL_OBJECTIVES: ppl). If only one kind is selected it
      gets weight 1 and beta is recorded but unused.
@@ -30,12 +31,13 @@ from typing import Iterable, Mapping, Sequence
 
 from tasa_deploy import UsageError
 from tasa_deploy.allocate import Option, allocate_average_bits, allocate_total_bits
-from tasa_deploy.artifacts import BitPlan, ModulePlan, SensitivityProfile, UnitSensitivity, atomic_path
+from tasa_deploy.artifacts import PLAN_TARGETS, BitPlan, ModulePlan, SensitivityProfile, UnitSensitivity
+from tasa_deploy.outputs import TAG, atomic_path
 from tasa_deploy.bits import bits_per_weight, exact_bits_per_weight, gguf_candidates
 from tasa_deploy.quant.spec import QuantSpec
 
 GENERAL_OBJECTIVES = ("ppl",)
-TARGETS = ("vllm", "gguf")
+TARGETS = PLAN_TARGETS
 NORMALIZATION = "per-objective: max(delta, 0) / sum of max(delta, 0) over all units and candidates"
 DEFAULT_BITS = (3, 4, 8)
 
@@ -65,18 +67,33 @@ def objective_weights(objectives: Sequence[str], beta: float) -> dict[str, float
 
 
 def objective_scales(profile: SensitivityProfile, objectives: Sequence[str]) -> dict[str, float]:
-    """S_k = sum of clipped deltas over every unit and candidate (0 -> the objective is ignored)."""
+    """S_k = sum of clipped deltas over every unit and candidate; S_k = 0 or non-finite is a UsageError."""
     scales = {}
     for objective in objectives:
-        total = 0.0
+        values = []
         for unit in profile.units:
             for key, per_objective in unit.errors.items():
                 if objective not in per_objective:
                     raise UsageError(f"profile unit {unit.name} has no '{objective}' error for {key}; "
                                      "the profile is incomplete — rerun `tasa-deploy profile`")
-                total += max(float(per_objective[objective]), 0.0)
-        scales[objective] = total
+                values.append(per_objective[objective])
+        scales[objective] = _clipped_total(values, objective, "unit errors")
+        if scales[objective] == 0.0:
+            raise UsageError(f"objective '{objective}' has no positive loss increase in any unit or candidate of the "
+                             "profile, so it cannot be normalized or weighted; re-profile with more probe samples, "
+                             "or plan without it")
     return scales
+
+
+def _clipped_total(values: Iterable[float], objective: str, what: str) -> float:
+    """Sum of max(value, 0); a NaN/inf value is a UsageError (max(nan, 0) is nan and would poison S_k)."""
+    total = 0.0
+    for value in values:
+        if not math.isfinite(float(value)):
+            raise UsageError(f"objective '{objective}' has a non-finite value ({value}) among its {what}; "
+                             "the profile is corrupt — rerun `tasa-deploy profile`")
+        total += max(float(value), 0.0)
+    return total
 
 
 def aggregated_errors(profile: SensitivityProfile, objectives: Sequence[str],
@@ -84,8 +101,8 @@ def aggregated_errors(profile: SensitivityProfile, objectives: Sequence[str],
     """unit name -> candidate key -> normalized MOA error (the allocator's predicted error)."""
     weights = objective_weights(objectives, beta)
     scales = objective_scales(profile, objectives)
-    return {unit.name: {key: sum(weights[o] * max(float(errs[o]), 0.0) / scales[o]
-                                 for o in objectives if scales[o] > 0) for key, errs in unit.errors.items()}
+    return {unit.name: {key: sum(weights[o] * max(float(errs[o]), 0.0) / scales[o] for o in objectives)
+                        for key, errs in unit.errors.items()}
             for unit in profile.units}
 
 
@@ -218,16 +235,18 @@ def top_layers(profile: SensitivityProfile, k: int) -> dict[str, list[int]]:
 
 # ----------------------------------------------------------------------------------------- plot
 def normalized_layer_deltas(profile: SensitivityProfile) -> dict[str, list[float]]:
-    """Per objective: clipped per-layer deltas divided by their sum (the plot's top panel)."""
+    """Per objective: clipped per-layer deltas divided by their sum (the plot's top panel). A non-finite
+    delta is a UsageError; an objective with no positive delta is drawn as 0 everywhere (it is insensitive)."""
     result = {}
     for objective in profile.objectives:
-        clipped = [max(float(d), 0.0) for d in profile.layer_deltas[objective]]
-        total = sum(clipped)
-        result[objective] = [d / total if total else 0.0 for d in clipped]
+        deltas = profile.layer_deltas[objective]
+        total = _clipped_total(deltas, objective, "layer deltas")
+        result[objective] = [max(float(d), 0.0) / total if total else 0.0 for d in deltas]
     return result
 
 
-def save_plan_plot(profile: SensitivityProfile, plan: BitPlan, png_path: Path) -> Path:
+def save_plan_plot(profile: SensitivityProfile, plan: BitPlan, png_path: Path, *, force: bool = True,
+                   inputs: tuple[Path, ...] = ()) -> Path:
     """PNG: normalized sensitivity per objective per layer (top) and chosen bits per layer (bottom)."""
     import matplotlib
 
@@ -239,8 +258,8 @@ def save_plan_plot(profile: SensitivityProfile, plan: BitPlan, png_path: Path) -
     try:
         _draw_plan(fig, top, bottom, profile, plan, rows)
         png_path = Path(png_path)
-        with atomic_path(png_path, force=True) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        with atomic_path(png_path, force=force, inputs=inputs) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, metadata={"Software": TAG})
     finally:
         plt.close(fig)
     return png_path

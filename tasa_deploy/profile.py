@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import SensitivityProfile, UnitSensitivity, read_json, write_json_atomic
+from tasa_deploy.artifacts import PLAN_TARGETS, SensitivityProfile, UnitSensitivity, read_json, write_json_atomic
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
 from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, block_linears, block_prefix, cache_root, decoder_blocks,
                                model_fingerprint)
@@ -55,7 +55,7 @@ from tasa_deploy.quant.rtn import fake_quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec, default_group_size
 
 PARTIAL_SCHEMA = "tasa-profile-partial/1"
-TARGETS = ("vllm", "gguf")
+TARGETS = PLAN_TARGETS
 # Linears that read the same input as another one: their Gram matrix is that module's.
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                 "mlp.up_proj": "mlp.gate_proj"}

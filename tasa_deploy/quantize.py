@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import BitPlan, atomic_path
+from tasa_deploy.artifacts import BitPlan
+from tasa_deploy.outputs import TAG, atomic_path
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs, run_block
 from tasa_deploy.model import FUSED_GROUPS, block_linears, block_prefix, decoder_blocks, quantizable_modules
 from tasa_deploy.quant import QuantizedTensor, accumulate_hessian, make_empty_hessian, quantize_rtn, quantize_weight
@@ -140,7 +141,7 @@ def _resume_key(plan: BitPlan, tokens: torch.Tensor, settings: GPTQSettings) -> 
 def _save_block(resume_dir: Path, index: int, key: str, tensors: dict[str, QuantizedTensor]) -> None:
     from safetensors.torch import save_file
 
-    flat, meta = {}, {"resume_key": key}
+    flat, meta = {}, {"resume_key": key, "writer": TAG}
     for name, qt in tensors.items():
         flat.update({k: v.contiguous() for k, v in qt.tensors(name).items()})
         meta[name] = json.dumps([qt.fmt, qt.bits, qt.group_size, qt.symmetric])
@@ -162,8 +163,11 @@ def _load_block(resume_dir: Path, index: int, key: str) -> dict[str, QuantizedTe
         flat = {k: f.get_tensor(k) for k in f.keys()}
     out = {}
     for name, value in meta.items():
-        if name == "resume_key":
+        if name in ("resume_key", "writer"):
             continue
-        fmt, bits, group, sym = json.loads(value)
-        out[name] = QuantizedTensor.from_tensors(name, flat, fmt, bits, group, sym)
+        try:
+            fmt, bits, group, sym = json.loads(value)
+            out[name] = QuantizedTensor.from_tensors(name, flat, fmt, bits, group, sym)
+        except (UsageError, ValueError, TypeError):
+            return None  # a damaged checkpoint is a cache miss: redo this block
     return out

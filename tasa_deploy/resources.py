@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tasa_deploy import TasaError
+from tasa_deploy import TasaError, UsageError
 
 GIB = 1024**3
 
@@ -45,7 +45,12 @@ def estimate_quantize_memory(config, n_rows: int, seq_len: int, batch_size: int 
 def available_memory() -> int:
     """MemAvailable from /proc/meminfo (bytes), capped by $TASA_MEMORY_LIMIT_GB when set."""
     limit = os.environ.get("TASA_MEMORY_LIMIT_GB")
-    cap = int(float(limit) * GIB) if limit else 1 << 62
+    try:
+        cap = int(float(limit) * GIB) if limit else 1 << 62
+        if cap <= 0:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise UsageError(f"TASA_MEMORY_LIMIT_GB={limit!r} is not a positive number of GiB") from None
     return min(cap, _meminfo_available())
 
 

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(REPO.parent / "shared" / "data")
+SHARED_DATA = Path(os.environ.get("TASA_DATA_DIR") or REPO.parent / "shared" / "data")  # as tasa_deploy.data finds it
 pytest.wikitext_path = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 
 

@@ -28,7 +28,7 @@ def synthetic_profile(fingerprint="f" * 64) -> SensitivityProfile:
     for layer in range(2):
         for group, k in (("qkv", 64), ("o", 64), ("gate_up", 64), ("down", 128)):
             errors = {f"int{b}g{64 if k == 64 else 128}": {"ppl": (layer + 1) / b**2, "math": 1 / b**2} for b in (3, 4, 8)}
-            units.append(UnitSensitivity(f"model.layers.{layer}.{group}", layer, (f"model.layers.{layer}.x",), 4096, k, errors))
+            units.append(UnitSensitivity(f"model.layers.{layer}.{group}", layer, (f"model.layers.{layer}.{group}",), 4096, k, errors))
     return SensitivityProfile(fingerprint, ("ppl", "math"), {"ppl": 3.0, "math": 1.0},
                               {"ppl": (0.2, 0.1), "math": (0.1, 0.3)}, tuple(units), {"target": "vllm"})
 

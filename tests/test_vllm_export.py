@@ -60,7 +60,8 @@ def save_custom_artifact(tmp: Path, modules: dict[str, QuantizedTensor]) -> Path
     """An artifact with hand-made quantized tensors (for the bad-input tests)."""
     model = tiny_llama()
     quantized = quantizable_modules(model)
-    plans = {name: ModulePlan(QuantSpec(4, 64), "rtn") for name in modules}
+    plans = {name: ModulePlan(QuantSpec(qt.bits, qt.group_size, qt.symmetric, qt.fmt), "rtn")
+             for name, qt in modules.items()}
     skip = {f"{name}.weight" for name in modules} | {"lm_head.weight"}
     tensors = {k: v.clone() for k, v in model.state_dict().items() if k not in skip}
     assert set(modules) <= set(quantized)
@@ -183,7 +184,7 @@ def test_asymmetric_and_ggml_artifacts_are_refused(tmp_path):
     name = "model.layers.0.self_attn.o_proj"
     with pytest.raises(UsageError, match="asymmetric"):
         export_vllm(save_custom_artifact(tmp_path / "a", {name: asym}), tmp_path / "a" / "out")
-    with pytest.raises(UsageError, match="GGML grid 'q4_0'"):
+    with pytest.raises(UsageError, match="GGML grid 'q4_0'|serves only the int grid"):  # refused by the exporter or the plan
         export_vllm(save_custom_artifact(tmp_path / "g", {name: ggml}), tmp_path / "g" / "out")
 
 
@@ -191,7 +192,7 @@ def test_width_the_format_cannot_hold_is_refused(tmp_path):
     ok = quantize_rtn(torch.randn(128, 128), QuantSpec(8, 64))
     wide = QuantizedTensor("int", 9, 64, True, ok.codes, ok.scales)  # 9-bit: beyond pack-quantized's 1..8
     name = "model.layers.1.self_attn.o_proj"
-    with pytest.raises(UsageError, match="9-bit"):
+    with pytest.raises(UsageError, match="9-bit|bits must be in 2..8|got 9"):  # refused on save, load or export
         export_vllm(save_custom_artifact(tmp_path, {name: wide}), tmp_path / "out")
 
 
