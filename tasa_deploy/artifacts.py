@@ -16,8 +16,6 @@ Quantized artifact directory (`tasa-deploy quantize --out DIR`):
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +26,8 @@ import torch
 
 from tasa_deploy import TasaError, UsageError
 from tasa_deploy.outputs import atomic_path, write_json_atomic
+from tasa_deploy.schema import (Loc, check_schema, check_value, get_field, get_items, get_keyed, name_mismatch,
+                                read_json)
 from tasa_deploy.quant.spec import QuantSpec
 from tasa_deploy.quant.tensor import QuantizedTensor
 
@@ -35,175 +35,8 @@ PLAN_SCHEMA = "tasa-plan/1"
 PROFILE_SCHEMA = "tasa-profile/1"
 MIX_SCHEMA = "tasa-mix/1"
 ARTIFACT_SCHEMA = "tasa-quantized/1"
-MAX_JSON_BYTES = 256 * 2**20  # no stage file comes near this (a 7B profile is a few MB); bigger is not ours
 PLAN_TARGETS = ("vllm", "gguf")  # vllm: int grid only; gguf: GGML grids (int modules are mapped on export)
 PLAN_METHODS = ("gptq", "rtn")
-
-
-# ----------------------------------------------------------------------------------------- reading JSON
-class _JsonRejected(ValueError):
-    """Raised by read_json's parser hooks (duplicate key, non-finite number); becomes a UsageError."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    obj: dict = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _JsonRejected(f"duplicate key {key!r} in one JSON object (JSON would silently keep the last)")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> float:
-    raise _JsonRejected(f"{name} is not a number tasa-deploy accepts (NaN and Infinity are refused)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _JsonRejected(f"number {text[:30]} overflows a float")
-    return value
-
-
-def _read_bounded(path: Path, what: str, max_bytes: int) -> bytes:
-    too_big = f"{what} {path} is over the {max_bytes / 2**20:g} MiB limit for a JSON stage file; it is not one we wrote"
-    try:
-        if path.stat().st_size > max_bytes:
-            raise UsageError(too_big)
-        with open(path, "rb") as handle:
-            raw = handle.read(max_bytes + 1)  # bounded even if the file grew since stat
-    except OSError as exc:
-        raise UsageError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
-    if len(raw) > max_bytes:
-        raise UsageError(too_big)
-    return raw
-
-
-def read_json(path: Path, what: str, *, max_bytes: int | None = None, allow_nonfinite: bool = False) -> dict:
-    """The JSON object in `path`; every failure is a one-line UsageError naming the file: missing, over
-    `max_bytes` (default MAX_JSON_BYTES), not UTF-8, not JSON (truncated), nested too deeply, a duplicate key
-    in one object, NaN/Infinity or a number overflowing a float (unless `allow_nonfinite`), not an object."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{what} not found: {path}")
-    raw = _read_bounded(path, what, MAX_JSON_BYTES if max_bytes is None else max_bytes)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{what} {path} is not valid UTF-8 (byte {exc.start}); it is not a JSON stage file") from None
-    hooks = {} if allow_nonfinite else {"parse_constant": _reject_constant, "parse_float": _finite_float}
-    try:
-        obj = json.loads(text, object_pairs_hook=_unique_keys, **hooks)
-    except _JsonRejected as exc:
-        raise UsageError(f"{what} {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                         "it may be truncated — rerun the stage that wrote it") from None
-    except RecursionError:
-        raise UsageError(f"{what} {path} is nested too deeply to be a JSON stage file") from None
-    except (ValueError, OverflowError) as exc:  # e.g. an integer beyond Python's 4300-digit limit
-        raise UsageError(f"{what} {path} is not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise UsageError(f"{what} {path} does not hold a JSON object")
-    return obj
-
-
-def check_schema(obj: dict, expected: str, path: Path, what: str) -> None:
-    if obj.get("schema") != expected:
-        raise UsageError(f"{what} {path} has schema {_show(obj.get('schema'))}, expected {expected!r}; "
-                         "rerun the stage that wrote it with this version of tasa-deploy")
-
-
-# ----------------------------------------------------------------------------------------- field checks
-@dataclass(frozen=True)
-class _Loc:
-    """Where a JSON value sits, for one-line errors: "plan p.json: modules['x'].bits"."""
-
-    text: str
-    root: bool = False  # the file itself: its fields read "plan p.json: modules", not "plan p.json.modules"
-
-    def key(self, key: str) -> "_Loc":
-        return _Loc(f"{self.text}: {key}" if self.root else f"{self.text}.{key}")
-
-    def item(self, index: int | str) -> "_Loc":
-        return _Loc(f"{self.text}[{index!r}]")
-
-    def fail(self, message: str) -> UsageError:
-        return UsageError(f"{self.text} {message}")
-
-
-# JSON kind -> (Python types json.loads gives it, how errors name it); bool is never an integer or a number.
-_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "string": ((str,), "a string"), "integer": ((int,), "an integer"), "number": ((int, float), "a number"),
-    "boolean": ((bool,), "true or false"), "object": ((dict,), "an object"), "array": ((list,), "an array")}
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _value(value: Any, loc: _Loc, kind: str, *, choices: tuple | None = None, lo: float | None = None,
-           hi: float | None = None, nonempty: bool = True) -> Any:
-    """`value` checked to be of JSON `kind`, finite (numbers), within [lo, hi], among `choices`, non-empty
-    (strings, arrays, objects unless nonempty=False); returns it unchanged."""
-    types, name = _KINDS[kind]
-    if not isinstance(value, types) or (isinstance(value, bool) and kind != "boolean"):
-        raise loc.fail(f"must be {name}, got {_show(value)}")
-    if kind == "number" and not math.isfinite(value):
-        raise loc.fail(f"must be a finite number, got {value}")
-    if choices is not None and value not in choices:
-        raise loc.fail(f"must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = (f"in [{lo}, {hi}]" if lo is not None and hi is not None
-                  else f">= {lo}" if lo is not None else f"<= {hi}")
-        raise loc.fail(f"must be {bounds}, got {value}")
-    if nonempty and kind in ("string", "array", "object") and not value:
-        raise loc.fail("must not be empty")
-    return value
-
-
-def _field(obj: Mapping, key: str, loc: _Loc, kind: str, *, optional: bool = False, nullable: bool = False,
-           **limits: Any) -> Any:
-    """obj[key] checked by `_value`; a missing key is an error unless `optional` (-> None), null only if
-    `nullable`."""
-    if key not in obj:
-        if optional:
-            return None
-        raise loc.key(key).fail("is missing")
-    if obj[key] is None and nullable:
-        return None
-    return _value(obj[key], loc.key(key), kind, **limits)
-
-
-def _items(obj: Mapping, key: str, loc: _Loc, kind: str, *, distinct: bool = False, **limits: Any) -> list:
-    """obj[key] as a non-empty array whose items are each checked by `_value`; `distinct` refuses repeats."""
-    values = _field(obj, key, loc, "array")
-    items = [_value(value, loc.key(key).item(i), kind, **limits) for i, value in enumerate(values)]
-    if distinct and len(set(items)) != len(items):
-        repeated = next(item for i, item in enumerate(items) if item in items[:i])
-        raise loc.key(key).fail(f"lists {_show(repeated)} twice")
-    return items
-
-
-def _keyed(obj: Mapping, key: str, loc: _Loc, names: tuple[str, ...]) -> dict:
-    """obj[key] as an object whose keys are exactly `names` (one entry per objective, no more, no less)."""
-    entries = _field(obj, key, loc, "object")
-    missing = [name for name in names if name not in entries]
-    if missing:
-        raise loc.key(key).fail(f"has no entry for {missing[0]!r} (expected one per objective: {', '.join(names)})")
-    extra = [name for name in entries if name not in names]
-    if extra:
-        raise loc.key(key).fail(f"has an entry for {extra[0]!r}, which is not an objective ({', '.join(names)})")
-    return entries
-
-
-def _name_mismatch(expected: Any, actual: Any, expected_what: str, actual_what: str) -> str | None:
-    """None when the two name sets are equal, else 'missing from A: x, y, z (+N more); not in B: ...'."""
-    missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-    parts = [f"{what}: {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}"
-             for what, names in ((f"in {expected_what} only", missing), (f"in {actual_what} only", extra)) if names]
-    return "; ".join(parts) or None
 
 
 # ----------------------------------------------------------------------------------------- the bit plan
@@ -221,7 +54,7 @@ class ModulePlan:
     def from_json(cls, obj: dict, where: str = "module plan") -> "ModulePlan":
         """Strict: the spec fields (QuantSpec.from_json) and `method` in PLAN_METHODS, all required."""
         spec = QuantSpec.from_json(obj, where)
-        return cls(spec, _field(obj, "method", _Loc(where), "string", choices=PLAN_METHODS))
+        return cls(spec, get_field(obj, "method", Loc(where), "string", choices=PLAN_METHODS))
 
 
 @dataclass(frozen=True)
@@ -243,13 +76,13 @@ class BitPlan:
 
     @classmethod
     def from_json(cls, obj: dict, path: Path = Path("tasa_plan.json")) -> "BitPlan":
-        """Strict read (see `_field`): fingerprint, target in PLAN_TARGETS, a non-empty `modules` object of
+        """Strict read (see `get_field`): fingerprint, target in PLAN_TARGETS, a non-empty `modules` object of
         ModulePlans (int grid only for target vllm), budget/average bits finite >= 0 or null, info an object."""
         check_schema(obj, PLAN_SCHEMA, path, "plan")
-        loc = _Loc(f"plan {path}", root=True)
-        fingerprint = _field(obj, "model_fingerprint", loc, "string")
-        target = _field(obj, "target", loc, "string", choices=PLAN_TARGETS)
-        entries = _field(obj, "modules", loc, "object")
+        loc = Loc(f"plan {path}", root=True)
+        fingerprint = get_field(obj, "model_fingerprint", loc, "string")
+        target = get_field(obj, "target", loc, "string", choices=PLAN_TARGETS)
+        entries = get_field(obj, "modules", loc, "object")
         modules = {name: ModulePlan.from_json(entry, loc.key("modules").item(name).text)
                    for name, entry in entries.items()}
         if "" in modules:
@@ -258,9 +91,9 @@ class BitPlan:
         if off_grid:
             raise loc.key("modules").item(off_grid[0]).fail(
                 f"is {modules[off_grid[0]].spec.fmt}, but target 'vllm' serves only the int grid")
-        budget, average = (_field(obj, key, loc, "number", optional=True, nullable=True, lo=0)
+        budget, average = (get_field(obj, key, loc, "number", optional=True, nullable=True, lo=0)
                            for key in ("budget_bits", "average_bits"))
-        info = _field(obj, "info", loc, "object", optional=True, nullable=True, nonempty=False) or {}
+        info = get_field(obj, "info", loc, "object", optional=True, nullable=True, nonempty=False) or {}
         return cls(fingerprint, target, modules, budget, average, info)
 
     def save(self, path: Path, *, force: bool = True, inputs: tuple[Path, ...] = ()) -> None:
@@ -309,12 +142,12 @@ class CalibrationMix:
         when the alpha was forced, not searched (settings.request.forced_alpha == alpha, as the pipeline
         records `--alpha`)."""
         check_schema(obj, MIX_SCHEMA, path, "mixture")
-        loc = _Loc(f"mixture {path}", root=True)
-        alpha = float(_field(obj, "alpha", loc, "number", lo=0.0, hi=1.0))
-        settings = _field(obj, "settings", loc, "object", optional=True, nullable=True, nonempty=False) or {}
+        loc = Loc(f"mixture {path}", root=True)
+        alpha = float(get_field(obj, "alpha", loc, "number", lo=0.0, hi=1.0))
+        settings = get_field(obj, "settings", loc, "object", optional=True, nullable=True, nonempty=False) or {}
         request = settings.get("request")
         forced = isinstance(request, dict) and request.get("forced_alpha") == alpha
-        entries = _field(obj, "scores", loc, "array", nonempty=not forced)
+        entries = get_field(obj, "scores", loc, "array", nonempty=not forced)
         scores = tuple(_mix_score(entry, loc.key("scores").item(i)) for i, entry in enumerate(entries))
         alphas = [score.alpha for score in scores]
         repeated = [a for i, a in enumerate(alphas) if a in alphas[:i]]
@@ -322,8 +155,8 @@ class CalibrationMix:
             raise loc.key("scores").fail(f"scores alpha {repeated[0]} twice")
         if scores and alpha not in alphas:
             raise loc.key("alpha").fail(f"is {alpha}, not one of the scored alphas {alphas}")
-        return cls(_field(obj, "model_fingerprint", loc, "string"), alpha, _field(obj, "general", loc, "string"),
-                   tuple(_items(obj, "tasks", loc, "string", distinct=True)), scores, settings)
+        return cls(get_field(obj, "model_fingerprint", loc, "string"), alpha, get_field(obj, "general", loc, "string"),
+                   tuple(get_items(obj, "tasks", loc, "string", distinct=True)), scores, settings)
 
     def save(self, path: Path, *, force: bool = True, inputs: tuple[Path, ...] = ()) -> None:
         write_json_atomic(path, self.to_json(), force=force, inputs=inputs)
@@ -368,17 +201,17 @@ class SensitivityProfile:
         """Strict read: objectives distinct names; one finite baseline and one layer_deltas vector per objective,
         all of one length (the layer count; an optional `layer_se` must match it); units via `_profile_units`."""
         check_schema(obj, PROFILE_SCHEMA, path, "profile")
-        loc = _Loc(f"profile {path}", root=True)
-        objectives = tuple(_items(obj, "objectives", loc, "string", distinct=True))
-        baselines = {name: float(_value(value, loc.key("baselines").key(name), "number"))
-                     for name, value in _keyed(obj, "baselines", loc, objectives).items()}
+        loc = Loc(f"profile {path}", root=True)
+        objectives = tuple(get_items(obj, "objectives", loc, "string", distinct=True))
+        baselines = {name: float(check_value(value, loc.key("baselines").key(name), "number"))
+                     for name, value in get_keyed(obj, "baselines", loc, objectives).items()}
         deltas = _layer_vectors(obj, "layer_deltas", loc, objectives)
         n_layers = len(deltas[objectives[0]])
         if "layer_se" in obj:  # standard errors of the deltas: same shape, >= 0 (accepted, not yet used)
             _layer_vectors(obj, "layer_se", loc, objectives, n_layers=n_layers, lo=0.0)
         units = _profile_units(obj, loc, objectives, n_layers)
-        return cls(_field(obj, "model_fingerprint", loc, "string"), objectives, baselines, deltas, units,
-                   _field(obj, "settings", loc, "object", optional=True, nullable=True, nonempty=False) or {})
+        return cls(get_field(obj, "model_fingerprint", loc, "string"), objectives, baselines, deltas, units,
+                   get_field(obj, "settings", loc, "object", optional=True, nullable=True, nonempty=False) or {})
 
     def save(self, path: Path, *, force: bool = True, inputs: tuple[Path, ...] = ()) -> None:
         write_json_atomic(path, self.to_json(), force=force, inputs=inputs)
@@ -388,23 +221,23 @@ class SensitivityProfile:
         return cls.from_json(read_json(path, "profile"), Path(path))
 
 
-def _mix_score(obj: Any, loc: _Loc) -> MixScore:
+def _mix_score(obj: Any, loc: Loc) -> MixScore:
     """One MixScore: exactly its fields, each a finite number; alpha in [0, 1]."""
     names = tuple(f.name for f in fields(MixScore))
-    _value(obj, loc, "object")
+    check_value(obj, loc, "object")
     unknown = [key for key in obj if key not in names]
     if unknown:
         raise loc.key(unknown[0]).fail(f"is not a score field ({', '.join(names)})")
-    values = {name: float(_field(obj, name, loc, "number")) for name in names}
-    _value(values["alpha"], loc.key("alpha"), "number", lo=0.0, hi=1.0)
+    values = {name: float(get_field(obj, name, loc, "number")) for name in names}
+    check_value(values["alpha"], loc.key("alpha"), "number", lo=0.0, hi=1.0)
     return MixScore(**values)
 
 
-def _layer_vectors(obj: Mapping, key: str, loc: _Loc, objectives: tuple[str, ...], *, n_layers: int | None = None,
+def _layer_vectors(obj: Mapping, key: str, loc: Loc, objectives: tuple[str, ...], *, n_layers: int | None = None,
                    **limits: Any) -> dict[str, tuple[float, ...]]:
     """objective -> per-layer finite numbers; every vector non-empty and of one length (`n_layers` if given)."""
-    entries = _keyed(obj, key, loc, objectives)
-    vectors = {name: tuple(float(v) for v in _items(entries, name, loc.key(key), "number", **limits))
+    entries = get_keyed(obj, key, loc, objectives)
+    vectors = {name: tuple(float(v) for v in get_items(entries, name, loc.key(key), "number", **limits))
                for name in objectives}
     expected = len(vectors[objectives[0]]) if n_layers is None else n_layers
     reference = f"{key}.{objectives[0]}" if n_layers is None else "layer_deltas"
@@ -414,12 +247,12 @@ def _layer_vectors(obj: Mapping, key: str, loc: _Loc, objectives: tuple[str, ...
     return vectors
 
 
-def _profile_units(obj: Mapping, loc: _Loc, objectives: tuple[str, ...],
+def _profile_units(obj: Mapping, loc: Loc, objectives: tuple[str, ...],
                    n_layers: int) -> tuple[UnitSensitivity, ...]:
     """Every unit strict (`_profile_unit`); unit names unique, and no module in two units (a duplicate unit or
     module would be silently collapsed when the plan maps module -> grid, dropping one of them)."""
     units = tuple(_profile_unit(entry, loc.key("units").item(i), objectives, n_layers)
-                  for i, entry in enumerate(_field(obj, "units", loc, "array")))
+                  for i, entry in enumerate(get_field(obj, "units", loc, "array")))
     names: set[str] = set()
     unit_of: dict[str, str] = {}
     for i, unit in enumerate(units):
@@ -435,27 +268,27 @@ def _profile_units(obj: Mapping, loc: _Loc, objectives: tuple[str, ...],
     return units
 
 
-def _profile_unit(obj: Any, loc: _Loc, objectives: tuple[str, ...], n_layers: int) -> UnitSensitivity:
+def _profile_unit(obj: Any, loc: Loc, objectives: tuple[str, ...], n_layers: int) -> UnitSensitivity:
     """One unit: layer in range, distinct module names, positive sizes, and for every candidate key (a valid
     QuantSpec key) one finite error per objective."""
-    _value(obj, loc, "object")
-    n_weights = _field(obj, "n_weights", loc, "integer", lo=1)
-    in_features = _field(obj, "in_features", loc, "integer", lo=1)
+    check_value(obj, loc, "object")
+    n_weights = get_field(obj, "n_weights", loc, "integer", lo=1)
+    in_features = get_field(obj, "in_features", loc, "integer", lo=1)
     if n_weights % in_features:
         raise loc.key("n_weights").fail(f"({n_weights}) is not a multiple of in_features ({in_features})")
     errors = {}
-    for key in _field(obj, "errors", loc, "object"):
+    for key in get_field(obj, "errors", loc, "object"):
         try:
             valid = QuantSpec.from_key(key).key == key
         except (UsageError, ValueError):
             valid = False
         if not valid:
             raise loc.key("errors").key(key).fail("is not a candidate key (e.g. 'int4g64', 'int3g128a', 'q4_k')")
-        errors[key] = {name: float(_value(value, loc.key("errors").key(key).key(name), "number"))
-                       for name, value in _keyed(obj["errors"], key, loc.key("errors"), objectives).items()}
-    name = _field(obj, "name", loc, "string")
-    layer = _field(obj, "layer", loc, "integer", lo=0, hi=n_layers - 1)
-    modules = tuple(_items(obj, "modules", loc, "string", distinct=True))
+        errors[key] = {name: float(check_value(value, loc.key("errors").key(key).key(name), "number"))
+                       for name, value in get_keyed(obj["errors"], key, loc.key("errors"), objectives).items()}
+    name = get_field(obj, "name", loc, "string")
+    layer = get_field(obj, "layer", loc, "integer", lo=0, hi=n_layers - 1)
+    modules = tuple(get_items(obj, "modules", loc, "string", distinct=True))
     return UnitSensitivity(name, layer, modules, n_weights, in_features, errors)
 
 
@@ -539,11 +372,11 @@ def load_artifact(path: Path) -> QuantizedArtifact:
 
 def _index_entries(index: dict, plan: BitPlan, path: Path) -> dict[str, dict]:
     """quantized.json's modules, each strict and equal to the plan's grid for it; same module set as the plan."""
-    loc = _Loc(f"artifact index {path / 'quantized.json'}", root=True)
-    if _field(index, "model_fingerprint", loc, "string") != plan.model_fingerprint:
+    loc = Loc(f"artifact index {path / 'quantized.json'}", root=True)
+    if get_field(index, "model_fingerprint", loc, "string") != plan.model_fingerprint:
         raise UsageError(f"{path}: tasa_plan.json and quantized.json disagree on the model; the artifact is mixed up")
-    entries = _field(index, "modules", loc, "object")
-    mismatch = _name_mismatch(plan.modules, entries, "tasa_plan.json", "quantized.json")
+    entries = get_field(index, "modules", loc, "object")
+    mismatch = name_mismatch(plan.modules, entries, "tasa_plan.json", "quantized.json")
     if mismatch:
         raise UsageError(f"{path}: tasa_plan.json and quantized.json list different modules ({mismatch}); "
                          "the artifact is mixed up — rerun `tasa-deploy quantize`")
@@ -551,13 +384,13 @@ def _index_entries(index: dict, plan: BitPlan, path: Path) -> dict[str, dict]:
             for name, meta in entries.items()}
 
 
-def _index_entry(meta: Any, loc: _Loc, spec: QuantSpec) -> dict:
+def _index_entry(meta: Any, loc: Loc, spec: QuantSpec) -> dict:
     """One module entry {fmt, bits, group_size, symmetric, shape [N, K]}: exact types, and the grid the plan
     gives the module (the stored group of a per-channel int grid is K)."""
-    _value(meta, loc, "object")
-    entry = {key: _field(meta, key, loc, kind) for key, kind in
+    check_value(meta, loc, "object")
+    entry = {key: get_field(meta, key, loc, kind) for key, kind in
              (("fmt", "string"), ("bits", "integer"), ("group_size", "integer"), ("symmetric", "boolean"))}
-    entry["shape"] = _items(meta, "shape", loc, "integer", lo=1)
+    entry["shape"] = get_items(meta, "shape", loc, "integer", lo=1)
     if len(entry["shape"]) != 2:
         raise loc.key("shape").fail(f"must be [N, K], got {entry['shape']}")
     in_features = entry["shape"][1]
@@ -612,7 +445,7 @@ def _dense_tensors(flat: Mapping[str, torch.Tensor], modules: Mapping[str, Quant
 def check_plan_covers(plan: BitPlan, module_shapes: Mapping[str, tuple[int, int]], path: Path) -> None:
     """Refuse a plan whose modules are not exactly the model's quantizable linears (`module_shapes`: HF name
     -> (N, K)), or whose grid for a module does not fit its row length K (QuantSpec.groups_for)."""
-    mismatch = _name_mismatch(module_shapes, plan.modules, "the model", "the plan")
+    mismatch = name_mismatch(module_shapes, plan.modules, "the model", "the plan")
     if mismatch:
         raise UsageError(f"plan {path} does not match this model's quantizable linears ({mismatch}); "
                          "rerun `tasa-deploy plan` for this model")

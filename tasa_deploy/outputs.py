@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tasa_deploy import TasaError, UsageError
+from tasa_deploy.schema import MAX_JSON_BYTES
 
 TAG = "tasa-deploy"  # written into every header we control (GGUF general.quantized_by, PNG Software, ...)
 MARKER = ".tasa-deploy"  # in every directory we write: {"tool": TAG, "entries": [...]}
 _SNIFF_BYTES = 1 << 16
-_MAX_JSON_BYTES = 256 << 20
 
 
 # ----------------------------------------------------------------------------------------- recognition
@@ -45,7 +45,7 @@ def _is_our_file(path: Path) -> bool:
         return TAG.encode() in head
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
         return _safetensors_writer(path, int.from_bytes(head[:8], "little")) == TAG
-    if head.lstrip().startswith(b"{") and path.stat().st_size <= _MAX_JSON_BYTES:
+    if head.lstrip().startswith(b"{") and path.stat().st_size <= MAX_JSON_BYTES:
         try:
             schema = json.loads(path.read_text(encoding="utf-8")).get("schema", "")
         except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
@@ -55,7 +55,7 @@ def _is_our_file(path: Path) -> bool:
 
 
 def _safetensors_writer(path: Path, header_len: int) -> str | None:
-    if header_len > min(_MAX_JSON_BYTES, path.stat().st_size - 8):
+    if header_len > min(MAX_JSON_BYTES, path.stat().st_size - 8):
         return None
     with open(path, "rb") as f:
         f.seek(8)

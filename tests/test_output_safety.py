@@ -55,6 +55,9 @@ def template(tmp_path_factory, tiny_model_dir):
     (root / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
     (root / "latin1.json").write_bytes(b'{"schema": "tasa-profile/1", "x": "\xe9"}')
     (root / "link.json").symlink_to(root / "user.json")
+    plan = json.loads((art / "tasa_plan.json").read_text())
+    plan["modules"] = dict(list(plan["modules"].items())[:7])
+    (root / "partial_plan.json").write_text(json.dumps(plan))
     return {"root": root, "tiny": tiny_model_dir}
 
 
@@ -106,6 +109,8 @@ CASES = [  # id, argv, env, exit code, regex the error line must match (None: su
     ("quantize over an unrelated dir", f"{Q} --out {{root}}/userdir --force", {}, 2, "did not write", ()),
     ("quantize over its own input", "quantize --model {root}/art --plan {root}/ours_plan.json --out {root}/art "
      "--force", {}, 2, "also an input", ()),
+    ("plan covering 7 of 28 modules", "quantize --model {tiny} --plan {root}/partial_plan.json --out {root}/q", {}, 2,
+     "does not match this model", ()),
     ("infeasible budget before any work", "quantize --model {tiny} --bits 1.5 --out {root}/q", {}, 2,
      "narrowest candidate", ()),
     ("bits nan", "quantize --model {tiny} --bits nan --out {root}/q", {}, 2, "finite", ()),

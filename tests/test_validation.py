@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasa_deploy import UsageError
-from tasa_deploy import artifacts
+from tasa_deploy import schema
 from tasa_deploy.artifacts import (BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers,
                                    load_artifact, read_json, save_artifact)
 from tasa_deploy.plan import build_plan, normalized_layer_deltas
@@ -105,14 +105,6 @@ PLAN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mutate,message", [c[1:] for c in PLAN_CASES], ids=[c[0] for c in PLAN_CASES])
-def test_bad_plan_is_refused(tmp_path, originals, mutate, message):
-    path = write_mutated(tmp_path, originals, "tasa_plan.json", mutate)
-    with pytest.raises(UsageError, match=message) as info:
-        BitPlan.load(path)
-    assert "\n" not in str(info.value)
-
-
 # ----------------------------------------------------------------------------------------- raw JSON text
 def _replace_once(old, new):
     def edit(text):
@@ -155,7 +147,7 @@ def test_json_encoding_and_size_limits(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"mix\.json is not valid UTF-8 \(byte \d+\)"):
         CalibrationMix.load(path)
     shutil.copy(RESULTS / "profile.json", path)
-    monkeypatch.setattr(artifacts, "MAX_JSON_BYTES", 1000)
+    monkeypatch.setattr(schema, "MAX_JSON_BYTES", 1000)
     with pytest.raises(UsageError, match=r"profile .*mix\.json is over the 0\.000953674 MiB limit"):
         SensitivityProfile.load(path)
     assert read_json(path, "profile", max_bytes=10**6)["schema"] == "tasa-profile/1"
@@ -214,14 +206,6 @@ PROFILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mutate,message", [c[1:] for c in PROFILE_CASES], ids=[c[0] for c in PROFILE_CASES])
-def test_bad_profile_is_refused(tmp_path, originals, mutate, message):
-    path = write_mutated(tmp_path, originals, "profile.json", mutate)
-    with pytest.raises(UsageError, match=message) as info:
-        SensitivityProfile.load(path)
-    assert "\n" not in str(info.value)
-
-
 NONFINITE_CASES = [  # from_json on objects that never went through read_json (NaN would not survive it)
     ("profile.json", SensitivityProfile, setitem("layer_deltas", "ppl", 2, math.nan),
      r"layer_deltas\.ppl\[2\] must be a finite number"),
@@ -267,11 +251,17 @@ MIX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mutate,message", [c[1:] for c in MIX_CASES], ids=[c[0] for c in MIX_CASES])
-def test_bad_mix_is_refused(tmp_path, originals, mutate, message):
-    path = write_mutated(tmp_path, originals, "mix.json", mutate)
+
+FILE_CASES = ([("tasa_plan.json", BitPlan, *c) for c in PLAN_CASES] + [("profile.json", SensitivityProfile, *c)
+              for c in PROFILE_CASES] + [("mix.json", CalibrationMix, *c) for c in MIX_CASES])
+
+
+@pytest.mark.parametrize("name,cls,mutate,message", [(c[0], c[1], *c[3:]) for c in FILE_CASES],
+                         ids=[f"{c[0]}: {c[2]}" for c in FILE_CASES])
+def test_bad_stage_file_is_refused(tmp_path, originals, name, cls, mutate, message):
+    path = write_mutated(tmp_path, originals, name, mutate)
     with pytest.raises(UsageError, match=message) as info:
-        CalibrationMix.load(path)
+        cls.load(path)
     assert "\n" not in str(info.value)
 
 
