@@ -23,7 +23,7 @@ from tasa_deploy.artifacts import (BitPlan, CalibrationMix, ModulePlan, Sensitiv
                                    save_artifact)
 from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
-from tasa_deploy.quant.spec import QuantSpec, default_group_size
+from tasa_deploy.quant.spec import INT_GROUP_SIZES, QuantSpec, default_group_size
 
 TASK_ALIASES = {"arc": ("arc_easy", "arc_challenge"), "gsm8k": ("gsm8k",), "arc_easy": ("arc_easy",),
                 "arc_challenge": ("arc_challenge",), "hellaswag": ("hellaswag",), "piqa": ("piqa",)}
@@ -90,8 +90,9 @@ class QuantizeRequest:
                 raise UsageError(f"--{name.replace('_', '-')} must be in 1..{1 << 20}, got {getattr(self, name)}")
         if not 0 <= self.seed < 1 << 32:
             raise UsageError(f"--seed must be in 0..{(1 << 32) - 1}, got {self.seed}")
-        if self.group_size is not None and self.group_size < 1:
-            raise UsageError(f"--group-size must be positive, got {self.group_size}")
+        if self.group_size is not None and self.group_size not in (*INT_GROUP_SIZES, -1):
+            raise UsageError(f"group size must be one of {', '.join(map(str, INT_GROUP_SIZES))} or -1 "
+                             f"(one scale per row), got {self.group_size}")
 
     @property
     def task_sources(self) -> tuple[str, ...]:

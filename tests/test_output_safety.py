@@ -113,6 +113,7 @@ CASES = [  # id, argv, env, exit code, regex the error line must match (None: su
      "does not match this model", ()),
     ("infeasible budget before any work", "quantize --model {tiny} --bits 1.5 --out {root}/q", {}, 2,
      "narrowest candidate", ()),
+    ("seed overflows", f"{Q} --seed 99999999999999999999999 --out {{root}}/q", {}, 2, "--seed must be in", ()),
     ("bits nan", "quantize --model {tiny} --bits nan --out {root}/q", {}, 2, "finite", ()),
     ("alphas nan", "mix --model {tiny} --alphas nan,0.5 --out {root}/m.json", {}, 2, r"\[0, 1\]", ()),
     ("data dir missing", f"{Q} --out {{root}}/q", {"TASA_DATA_DIR": "{root}/nodata"}, 2, "TASA_DATA_DIR", ()),
@@ -143,6 +144,16 @@ def test_cli_case(world, name, argv, env, code, error, outputs):
         assert lines[-1].startswith("error:") and re.search(error, lines[-1]), result.output
     for out in outputs:
         assert (root / out).exists()
+
+
+def test_full_disk_is_found_before_the_work(tmp_path):
+    from tasa_deploy import UsageError
+    from tasa_deploy.outputs import check_output
+
+    free = shutil.disk_usage(tmp_path).free
+    check_output(tmp_path / "ok.gguf", need_bytes=1)
+    with pytest.raises(UsageError, match="MiB is free"):
+        check_output(tmp_path / "big.gguf", need_bytes=free * 2)
 
 
 def test_interrupted_export_does_not_promise_a_resume(world, monkeypatch):

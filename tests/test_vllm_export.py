@@ -226,12 +226,10 @@ def window_ppl(model, tokens: torch.Tensor, seq_len: int, windows: int) -> float
 
 
 @pytest.mark.slow
-def test_smollm2_exported_ppl_matches_dense_artifact(tmp_path):
+def test_smollm2_exported_ppl_matches_dense_artifact(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tasa_deploy.model import load_model
-
-    loaded = load_model("smollm2-135m")
+    loaded = smollm2
     artifact_dir = make_artifact(loaded.model, Path(loaded.model_dir), tmp_path / "art", smollm2_mixed_spec)
     report = export_vllm(artifact_dir, tmp_path / "vllm")
     assert report.modules_per_scheme.keys() >= {"int3g64", "int4g64", "int8g64"}
