@@ -263,7 +263,7 @@ def calibration_tokens(loaded: LoadedModel, request: QuantizeRequest, mix: Calib
 
 def check_quantize_preconditions(request: QuantizeRequest) -> None:
     """Everything that can be checked in seconds, before the model is loaded: output, work dir, cache, data."""
-    from tasa_deploy.data import check_data_dir
+    from tasa_deploy.data import check_data_dir, load_rows
     from tasa_deploy.model import EMBEDDED, cache_root
     from tasa_deploy.outputs import check_output, check_writable_dir
 
@@ -272,6 +272,8 @@ def check_quantize_preconditions(request: QuantizeRequest) -> None:
     if request.model in EMBEDDED or request.model.endswith(".gguf"):
         check_writable_dir(cache_root(), "cache directory (TASA_CACHE)")
     check_data_dir()
+    for source in (request.general, *request.task_sources):  # one row each: fails in a second, not after the load
+        load_rows(source, "calib", limit=1)
 
 
 def _check_resources(request: QuantizeRequest) -> None:

