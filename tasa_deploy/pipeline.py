@@ -263,7 +263,7 @@ def calibration_tokens(loaded: LoadedModel, request: QuantizeRequest, mix: Calib
 
 def check_quantize_preconditions(request: QuantizeRequest) -> None:
     """Everything that can be checked in seconds, before the model is loaded: output, work dir, cache, data."""
-    from tasa_deploy.data import check_data_dir, load_rows
+    from tasa_deploy.data import check_data_dir
     from tasa_deploy.model import EMBEDDED, cache_root
     from tasa_deploy.outputs import check_output, check_writable_dir
 
@@ -272,7 +272,13 @@ def check_quantize_preconditions(request: QuantizeRequest) -> None:
     if request.model in EMBEDDED or request.model.endswith(".gguf"):
         check_writable_dir(cache_root(), "cache directory (TASA_CACHE)")
     check_data_dir()
-    for source in (request.general, *request.task_sources):  # one row each: fails in a second, not after the load
+
+
+def check_calibration_sources(request: QuantizeRequest) -> None:
+    """One row of each calibration source: missing data fails in a second, not after the model load."""
+    from tasa_deploy.data import load_rows
+
+    for source in (request.general, *request.task_sources):
         load_rows(source, "calib", limit=1)
 
 
@@ -293,6 +299,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     check_quantize_preconditions(request)
     times = StageTimes()
     _check_resources(request)
+    check_calibration_sources(request)
     loaded = times.run("load", load_model, request.model)
     fingerprint = times.run("fingerprint", model_fingerprint, loaded.model)
     work_dir = request.resolved_work_dir  # created only once there is something to keep in it

@@ -168,7 +168,7 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m"))
 
 
-def test_search_on_tiny_model_with_real_data(tmp_path):
+def test_search_on_tiny_model_with_real_data(calibration_data, tmp_path):
     pytest.importorskip("tasa_deploy.data")
     tokenizer = smollm2_tokenizer()
     model = tiny_llama(vocab=len(tokenizer))
@@ -190,7 +190,7 @@ def test_search_on_tiny_model_with_real_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_on_smollm2(smollm2):
+def test_search_on_smollm2(smollm2, calibration_data):
     start = time.perf_counter()
     result = mix.search_mixture(smollm2.model, smollm2.tokenizer, n_samples=4, seq_len=128, progress=False)
     seconds = time.perf_counter() - start

@@ -280,7 +280,7 @@ def test_bad_settings_are_usage_errors():
 
 
 @pytest.mark.slow
-def test_smollm2_profile_first_blocks(smollm2, tmp_path):
+def test_smollm2_profile_first_blocks(smollm2, calibration_data, tmp_path):
     """Real SmolLM2 cut to 3 blocks and real probe data: baselines equal plain forwards, structure is complete."""
     pytest.importorskip("tasa_deploy.data")
     from tasa_deploy.objectives import load_probe_set

@@ -164,7 +164,7 @@ def test_memory_is_checked_up_front(tiny_model_dir, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_killed_quantize_resumes_byte_identical(tmp_path, smollm2):
+def test_killed_quantize_resumes_byte_identical(tmp_path, smollm2, calibration_data):
     """SIGKILL `tasa-deploy quantize` after its 2nd GPTQ block; the rerun says it resumed and its artifact is
     byte-identical to an uninterrupted run."""
     import torch
