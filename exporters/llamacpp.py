@@ -269,12 +269,12 @@ def planned_gguf_types(artifact, type_map: Mapping[int, str] | None = None) -> d
 
 def imatrix_for_model(model_dir: Path, calibration_tokens: torch.Tensor, path: Path) -> Path:
     """Compute and write a GGUF imatrix for the base model in `model_dir` from token rows [n, T]."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from tasa_deploy.exporters.gguf import gguf_architecture
-    from tasa_deploy.model import quantizable_modules
+    from tasa_deploy.model import load_config, quantizable_modules
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    config = load_config(model_dir, str(model_dir))
     arch, _ = gguf_architecture(config.to_dict())
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)

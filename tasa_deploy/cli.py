@@ -235,13 +235,9 @@ def plan(
     """Re-plan from an existing profile for a budget (seconds, no model needed); write tasa_plan.json."""
     from tasa_deploy import plan as plan_stage
     from tasa_deploy.artifacts import SensitivityProfile
+    from tasa_deploy.plan import check_budget_args
 
-    import math
-
-    if not math.isfinite(bits) or not math.isfinite(beta) or not 0.0 <= beta <= 1.0:
-        raise UsageError(f"--bits must be finite and --beta in [0, 1], got {bits} and {beta}")
-    if target not in ("vllm", "gguf"):
-        raise UsageError(f"--target must be vllm or gguf, got {target}")
+    check_budget_args(bits, beta, target)
     for path in (out, plot):
         if path is not None:
             check_output(path, force=force, inputs=(profile_path,))
@@ -313,20 +309,16 @@ def export(
         raise UsageError(f"--via must be llama-quantize and applies to --format gguf only, got '{via}'")
     need = sum(f.stat().st_size for f in artifact.glob("*.safetensors")) if artifact.is_dir() else 0
     check_output(out, is_dir=format == "vllm", force=force, inputs=(artifact,), need_bytes=need)
-    if format == "gguf" and via is None:
-        from tasa_deploy.exporters.gguf import export_gguf
-
-        report = export_gguf(artifact, out, force=force)
-    elif format == "gguf" and via == "llama-quantize":
-        report = _export_via_llama_quantize(artifact, out, force)
-    elif format == "vllm":
-        if via is not None:
-            raise UsageError("--via applies to --format gguf only")
+    if format == "vllm":
         from tasa_deploy.exporters.vllm import export_vllm
 
         report = export_vllm(artifact, out, force=force)
+    elif via == "llama-quantize":
+        report = _export_via_llama_quantize(artifact, out, force)
     else:
-        raise UsageError(f"unknown export format '{format}' / --via '{via}'; use --format gguf|vllm, --via llama-quantize")
+        from tasa_deploy.exporters.gguf import export_gguf
+
+        report = export_gguf(artifact, out, force=force)
     for warning in getattr(report, "warnings", ()) or ():
         console.print(f"[yellow]warning:[/] {warning}")
     out_console.print(f"wrote {out}")

@@ -229,12 +229,12 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def load_artifact_model(artifact_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A quantized artifact as a runnable fake-quant model (dequantized weights) with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasa_deploy.artifacts import load_artifact
 
     artifact = load_artifact(Path(artifact_dir))
-    config = AutoConfig.from_pretrained(artifact_dir, trust_remote_code=False)
+    config = load_config(artifact_dir, str(artifact_dir))
     check_architecture(config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     missing, unexpected = model.load_state_dict(artifact.dense_state_dict(dtype), strict=False)

@@ -39,6 +39,15 @@ def _sniff(path: Path, n: int = _SNIFF_BYTES) -> bytes:
         return b""
 
 
+def _json_object(data: bytes) -> dict:
+    """The JSON object in `data`, or {} when it is not one (any parse failure: we only sniff here)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def _is_our_file(path: Path) -> bool:
     head = _sniff(path)
     if head.startswith((b"GGUF", b"\x89PNG")):
@@ -46,10 +55,7 @@ def _is_our_file(path: Path) -> bool:
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
         return _safetensors_writer(path, int.from_bytes(head[:8], "little")) == TAG
     if head.lstrip().startswith(b"{") and path.stat().st_size <= MAX_JSON_BYTES:
-        try:
-            schema = json.loads(path.read_text(encoding="utf-8")).get("schema", "")
-        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-            return False
+        schema = _json_object(path.read_bytes()).get("schema", "")
         return isinstance(schema, str) and schema.startswith("tasa-")
     return False
 
@@ -59,10 +65,7 @@ def _safetensors_writer(path: Path, header_len: int) -> str | None:
         return None
     with open(path, "rb") as f:
         f.seek(8)
-        try:
-            meta = json.loads(f.read(header_len)).get("__metadata__") or {}
-        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-            return None
+        meta = _json_object(f.read(header_len)).get("__metadata__") or {}
     return meta.get("writer") if isinstance(meta, dict) else None
 
 
@@ -71,12 +74,9 @@ def _dir_entries_we_wrote(path: Path) -> set[str] | None:
     existed are recognised by their `quantized.json` schema and their file types."""
     marker = path / MARKER
     if marker.is_file():
-        try:
-            obj = json.loads(marker.read_text(encoding="utf-8"))
-            if obj.get("tool") == TAG and isinstance(obj.get("entries"), list):
-                return {str(e) for e in obj["entries"]} | {MARKER}
-        except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
-            return None
+        obj = _json_object(marker.read_bytes())
+        if obj.get("tool") == TAG and isinstance(obj.get("entries"), list):
+            return {str(e) for e in obj["entries"]} | {MARKER}
         return None
     if (path / "quantized.json").is_file() and _is_our_file(path / "quantized.json"):
         legacy = {".json", ".txt", ".model", ".jinja", ".safetensors"}
@@ -89,7 +89,8 @@ def _why_not_replaceable(final: Path, is_dir: bool, foreign_ok: bool = False) ->
         return (f"{final} is a {'directory' if final.is_dir() else 'file'} and this output is a "
                 f"{'directory' if is_dir else 'file'}; refusing to replace one with the other")
     if not is_dir:
-        return None if foreign_ok or _is_our_file(final) else f"{final} was not written by tasa-deploy; refusing to replace it"
+        ours = foreign_ok or _is_our_file(final)
+        return None if ours else f"{final} was not written by tasa-deploy; refusing to replace it"
     if not any(final.iterdir()):
         return None  # an empty directory holds nothing to lose
     ours = _dir_entries_we_wrote(final)
@@ -174,7 +175,7 @@ def _remove_stale_temps(final: Path) -> None:
             continue
         pid = name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            _remove(entry)
 
 
 def _make_temp(final: Path, is_dir: bool) -> Path:

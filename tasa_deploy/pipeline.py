@@ -22,6 +22,7 @@ from tasa_deploy import UsageError
 from tasa_deploy.artifacts import (BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers,
                                    save_artifact)
 from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
+from tasa_deploy.plan import check_budget_args
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
 from tasa_deploy.quant.spec import INT_GROUP_SIZES, QuantSpec, default_group_size
 
@@ -63,8 +64,6 @@ class QuantizeRequest:
     def __post_init__(self) -> None:
         if self.method not in ("tasa", "uniform"):
             raise UsageError(f"--method must be tasa or uniform, got {self.method}")
-        if self.target not in ("vllm", "gguf"):
-            raise UsageError(f"--target must be vllm or gguf, got {self.target}")
         if self.method == "uniform" and (self.bits != int(self.bits) or not 2 <= self.bits <= 8):
             raise UsageError(f"uniform quantization needs an integer --bits in 2..8, got {self.bits}")
         if not self.tasks:
@@ -78,8 +77,7 @@ class QuantizeRequest:
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.quantizer not in ("gptq", "rtn"):
             raise UsageError(f"--quantizer must be gptq or rtn, got {self.quantizer}")
-        if not math.isfinite(self.bits) or not math.isfinite(self.beta) or not 0.0 <= self.beta <= 1.0:
-            raise UsageError(f"--bits must be finite and --beta in [0, 1], got {self.bits} and {self.beta}")
+        check_budget_args(self.bits, self.beta, self.target)
         if self.method == "tasa" and self.plan_path is None and self.candidates and self.bits < min(self.candidates):
             raise UsageError(f"--bits {self.bits} is below the narrowest candidate width {min(self.candidates)}: "
                              "no plan can meet it; raise --bits or add a narrower --candidates width")

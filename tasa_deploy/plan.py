@@ -37,7 +37,6 @@ from tasa_deploy.bits import bits_per_weight, exact_bits_per_weight, gguf_candid
 from tasa_deploy.quant.spec import QuantSpec
 
 GENERAL_OBJECTIVES = ("ppl",)
-TARGETS = PLAN_TARGETS
 NORMALIZATION = "per-objective: max(delta, 0) / sum of max(delta, 0) over all units and candidates"
 DEFAULT_BITS = (3, 4, 8)
 
@@ -55,10 +54,14 @@ def select_objectives(profile: SensitivityProfile, objectives: Sequence[str] | N
     return tuple(dict.fromkeys(chosen))
 
 
+def _check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:  # also refuses NaN
+        raise UsageError(f"beta must be in [0, 1] (weight on the reasoning objectives), got {beta}")
+
+
 def objective_weights(objectives: Sequence[str], beta: float) -> dict[str, float]:
     """MOA weights: beta split over reasoning objectives, 1 - beta over general ones (see module doc)."""
-    if not 0.0 <= beta <= 1.0:
-        raise UsageError(f"beta must be in [0, 1] (weight on the reasoning objectives), got {beta}")
+    _check_beta(beta)
     general = [o for o in objectives if o in GENERAL_OBJECTIVES]
     reasoning = [o for o in objectives if o not in GENERAL_OBJECTIVES]
     if not general or not reasoning:
@@ -137,12 +140,20 @@ def allocation_options(profile: SensitivityProfile, target: str, candidates, err
 
 
 # ----------------------------------------------------------------------------------------- the plan
+def check_budget_args(bits: float | None, beta: float, target: str) -> None:
+    """The planning arguments every caller passes (CLI `plan`, `quantize`'s request, the Python API)."""
+    if target not in PLAN_TARGETS:
+        raise UsageError(f"unknown target '{target}'; choose one of {', '.join(PLAN_TARGETS)}")
+    if bits is not None and not math.isfinite(bits):
+        raise UsageError(f"--bits must be a finite number, got {bits}")
+    _check_beta(beta)
+
+
 def build_plan(profile: SensitivityProfile, budget_bits: float | None, target: str = "vllm", beta: float = 0.5,
                candidates: Iterable[int | str] | None = None, objectives: Sequence[str] | None = None,
                *, budget_bytes: int | None = None, method: str = "gptq") -> BitPlan:
     """Allocate grids for an average-bits budget (or `budget_bytes` for all quantized linears) -> BitPlan."""
-    if target not in TARGETS:
-        raise UsageError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    check_budget_args(budget_bits, beta, target)
     if (budget_bits is None) == (budget_bytes is None):
         raise UsageError("give exactly one budget: average bits per weight or a size in bytes")
     if not profile.units:

@@ -55,7 +55,6 @@ from tasa_deploy.quant.rtn import fake_quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec, default_group_size
 
 PARTIAL_SCHEMA = "tasa-profile-partial/1"
-TARGETS = PLAN_TARGETS
 # Linears that read the same input as another one: their Gram matrix is that module's.
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                 "mlp.up_proj": "mlp.gate_proj"}
@@ -83,8 +82,8 @@ def profile_settings(*, objectives: Sequence[str] = ("ppl", "math", "arc"), targ
     unknown = [name for name in objectives if name not in OBJECTIVES]
     if unknown or not objectives:
         raise UsageError(f"unknown objective(s) {unknown or '(none given)'}; choose from {', '.join(OBJECTIVES)}")
-    if target not in TARGETS:
-        raise UsageError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    if target not in PLAN_TARGETS:
+        raise UsageError(f"unknown target '{target}'; choose one of {', '.join(PLAN_TARGETS)}")
     bits = sorted(set(int(b) for b in candidate_bits))
     if not bits or any(not 2 <= b <= 8 for b in bits) or not 2 <= probe_bits <= 8:
         raise UsageError(f"widths must be in 2..8 (probe {probe_bits}, candidates {bits})")

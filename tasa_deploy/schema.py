@@ -122,7 +122,7 @@ def show(value: Any, limit: int = 40) -> str:
 
 
 def check_value(value: Any, loc: Loc, kind: str, *, choices: tuple | None = None, lo: float | None = None,
-           hi: float | None = None, nonempty: bool = True) -> Any:
+                hi: float | None = None, nonempty: bool = True) -> Any:
     """`value` checked to be of JSON `kind`, finite (numbers), within [lo, hi], among `choices`, non-empty
     (strings, arrays, objects unless nonempty=False); returns it unchanged."""
     types, name = _KINDS[kind]
@@ -142,7 +142,7 @@ def check_value(value: Any, loc: Loc, kind: str, *, choices: tuple | None = None
 
 
 def get_field(obj: Mapping, key: str, loc: Loc, kind: str, *, optional: bool = False, nullable: bool = False,
-           **limits: Any) -> Any:
+              **limits: Any) -> Any:
     """obj[key] checked by `check_value`; a missing key is an error unless `optional` (-> None), null only if
     `nullable`."""
     if key not in obj:

@@ -6,7 +6,7 @@
   - a GGML type name ("q4_0", "q3_k", ...): the block grid llama.cpp stores (bits and group fixed by the type).
 
 Construction checks types as well as values (bits 4.7, symmetric "false" or fmt "Q4_K" are refused), and
-`from_json` reads a spec from JSON with exact JSON types (SPEC_JSON_TYPES), because `int(4.7)` and
+`from_json` reads a spec from JSON with exact JSON types (SPEC_JSON_KINDS), because `int(4.7)` and
 `bool("false")` would otherwise turn a corrupt file into a silently different grid.
 """
 
@@ -19,8 +19,8 @@ from tasa_deploy import UsageError
 
 INT_GROUP_SIZES = (128, 64, 32)
 INT_BITS = range(2, 9)
-# JSON field -> exact Python type json.loads gives it (bool is not an int here, 4.0 is not an int).
-SPEC_JSON_TYPES = {"bits": int, "group_size": int, "symmetric": bool, "fmt": str}
+# JSON field -> its JSON kind (tasa_deploy.schema: bool is not an integer there, 4.0 is not an integer).
+SPEC_JSON_KINDS = {"bits": "integer", "group_size": "integer", "symmetric": "boolean", "fmt": "string"}
 
 
 @dataclass(frozen=True)
@@ -104,25 +104,16 @@ class QuantSpec:
     def from_json(cls, obj: dict, where: str = "spec") -> "QuantSpec":
         """A spec from its JSON object; every field required with its exact JSON type. Errors name `where`
         (e.g. "plan p.json: modules['x']") and the field, on one line."""
+        from tasa_deploy.schema import Loc, get_field, show
+
         if not isinstance(obj, dict):
-            raise UsageError(f"{where} must be a JSON object, got {_short(obj)}")
-        for key, kind in SPEC_JSON_TYPES.items():
-            if key not in obj:
-                raise UsageError(f"{where}.{key} is missing")
-            if type(obj[key]) is not kind:
-                raise UsageError(f"{where}.{key} must be {_KIND_NAMES[kind]}, got {_short(obj[key])}")
+            raise UsageError(f"{where} must be a JSON object, got {show(obj)}")
+        loc = Loc(where)
+        fields = {key: get_field(obj, key, loc, kind, nonempty=False) for key, kind in SPEC_JSON_KINDS.items()}
         try:
-            return cls(obj["bits"], obj["group_size"], obj["symmetric"], obj["fmt"])
+            return cls(**fields)
         except UsageError as exc:
             raise UsageError(f"{where}: {exc}") from None
-
-
-_KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string"}
-
-
-def _short(value: object, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def default_group_size(in_features: int) -> int:
