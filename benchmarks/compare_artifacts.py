@@ -15,7 +15,8 @@ import json
 import platform
 from pathlib import Path
 
-from tasa_deploy.artifacts import load_artifact, write_json_atomic
+from tasa_deploy.artifacts import write_json_atomic
+from tasa_deploy.quantized_dir import load_artifact
 
 
 def plan_bits(path: str) -> float | None:

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import machine, run_main  # noqa: E402
-from tasa_deploy.artifacts import BitPlan, ModulePlan, save_artifact, write_json_atomic  # noqa: E402
+from tasa_deploy.artifacts import BitPlan, ModulePlan, write_json_atomic  # noqa: E402
+from tasa_deploy.quantized_dir import save_artifact  # noqa: E402
 from tasa_deploy.exporters.gguf import export_dense_gguf, export_gguf, linear_bits_per_weight  # noqa: E402
 from tasa_deploy.exporters.llamacpp import imatrix_for_model, llama_bench, llama_perplexity, llama_quantize  # noqa: E402
 from tasa_deploy.model import load_model, quantizable_modules  # noqa: E402
@@ -56,7 +57,7 @@ def plan_summary(artifact: Path) -> dict:
     """How a TASA artifact was made, from its plan: target grid, budget, achieved bpw, retargeting."""
     plan = BitPlan.load(artifact / "tasa_plan.json") if (artifact / "tasa_plan.json").is_file() else None
     if plan is None:
-        from tasa_deploy.artifacts import load_artifact
+        from tasa_deploy.quantized_dir import load_artifact
 
         plan = load_artifact(artifact).plan
     return {"target": plan.target, "budget_bits": plan.budget_bits, "average_bits": plan.average_bits,

@@ -239,7 +239,7 @@ def our_row_request(name: str, model: str, quant: QuantSettings, root: Path):
 
 
 def build_our_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
-    from tasa_deploy.artifacts import load_artifact
+    from tasa_deploy.quantized_dir import load_artifact
     from tasa_deploy.bits import plan_average_bits
 
     start = time.perf_counter()

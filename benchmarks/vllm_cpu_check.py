@@ -120,7 +120,8 @@ def run_vllm(checkpoint: str, requests_path: str, out_path: str) -> None:
 # ----------------------------------------------------------------------------------------- main side
 def build_demo_artifact(out_dir: Path) -> Path:
     """SmolLM2-135M with a mixed 3/4/8-bit RTN plan, fused groups tied, group 64 where K = 576."""
-    from tasa_deploy.artifacts import BitPlan, ModulePlan, save_artifact
+    from tasa_deploy.artifacts import BitPlan, ModulePlan
+    from tasa_deploy.quantized_dir import save_artifact
     from tasa_deploy.model import FUSED_GROUPS, load_model, quantizable_modules
     from tasa_deploy.quant.rtn import quantize_rtn
     from tasa_deploy.quant.spec import QuantSpec, default_group_size

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import load_artifact
+from tasa_deploy.quantized_dir import load_artifact
 from tasa_deploy.outputs import TAG, atomic_path, check_output
 from tasa_deploy.exporters import gguf_vocab
 from tasa_deploy.exporters.gguf_pack import GGUF_QTYPE, pack_quantized

@@ -290,7 +290,7 @@ def export_gguf_via_llama_quantize(artifact_dir: Path, out: Path, base_model_dir
     """GGUF with the plan's per-tensor types, quantized by llama-quantize itself from the base weights
     (with an importance matrix from `calibration_tokens` [n, T] when given). Returns a GGUFExportReport
     read back from the written file."""
-    from tasa_deploy.artifacts import load_artifact
+    from tasa_deploy.quantized_dir import load_artifact
     from tasa_deploy.exporters.gguf import export_dense_gguf
     from tasa_deploy.outputs import atomic_path, check_output
 

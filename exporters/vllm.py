@@ -34,7 +34,7 @@ from typing import Mapping
 import torch
 
 from tasa_deploy import TasaError, UsageError
-from tasa_deploy.artifacts import QuantizedArtifact, load_artifact
+from tasa_deploy.quantized_dir import QuantizedArtifact, load_artifact
 from tasa_deploy.outputs import atomic_path, check_output
 from tasa_deploy.model import FUSED_GROUPS
 from tasa_deploy.quant.tensor import QuantizedTensor

@@ -4,7 +4,7 @@ Holds `weight_packed` int32 [N, ceil(K*b/32)] and `weight_scale` [N, K/G] for on
 the same tensors our vLLM exporter writes. Forward runs the Triton dequant-GEMM (`mixed_gemm.py`) when the
 input is on CUDA and the backend is "triton"; otherwise the PyTorch reference (`reference.py`), so a model
 with QuantLinears also runs on the CPU. `replace_linears` builds them from a TASA quantized artifact
-(`tasa_deploy.artifacts.load_artifact`); only symmetric "int" modules can be served (asymmetric and GGML
+(`tasa_deploy.quantized_dir.load_artifact`); only symmetric "int" modules can be served (asymmetric and GGML
 grids have no kernel here) and anything else is refused before the model is touched.
 """
 

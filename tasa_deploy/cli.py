@@ -325,7 +325,7 @@ def export(
 
 
 def _export_via_llama_quantize(artifact: Path, out: Path, force: bool):
-    from tasa_deploy.artifacts import load_artifact
+    from tasa_deploy.quantized_dir import load_artifact
     from tasa_deploy.exporters.gguf import gguf_architecture
     from tasa_deploy.exporters.llamacpp import export_gguf_via_llama_quantize
     from tasa_deploy.model import load_model

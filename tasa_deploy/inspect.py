@@ -7,7 +7,8 @@ from collections import Counter
 from pathlib import Path
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import (BitPlan, CalibrationMix, SensitivityProfile, load_artifact, read_json)
+from tasa_deploy.artifacts import BitPlan, CalibrationMix, SensitivityProfile, read_json
+from tasa_deploy.quantized_dir import load_artifact
 
 Section = tuple[str, list[dict]]
 

@@ -231,7 +231,7 @@ def load_artifact_model(artifact_dir: Path, dtype: torch.dtype = torch.float32) 
     """A quantized artifact as a runnable fake-quant model (dequantized weights) with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasa_deploy.artifacts import load_artifact
+    from tasa_deploy.quantized_dir import load_artifact
 
     artifact = load_artifact(Path(artifact_dir))
     config = load_config(artifact_dir, str(artifact_dir))
@@ -254,7 +254,7 @@ def load_any(source: str, backend: str = "torch") -> LoadedModel:
     if path.is_dir() and (path / "quantized.json").is_file():
         loaded = load_artifact_model(path)
         if backend == "triton":
-            from tasa_deploy.artifacts import load_artifact
+            from tasa_deploy.quantized_dir import load_artifact
             from tasa_deploy.kernels.quant_linear import replace_linears
 
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import (BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers,
-                                   save_artifact)
+from tasa_deploy.artifacts import BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers
+from tasa_deploy.quantized_dir import save_artifact
 from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
 from tasa_deploy.plan import check_budget_args
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row

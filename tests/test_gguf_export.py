@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import BitPlan, ModulePlan, load_artifact, save_artifact
+from tasa_deploy.artifacts import BitPlan, ModulePlan
+from tasa_deploy.quantized_dir import load_artifact, save_artifact
 from tasa_deploy.exporters.gguf import choose_ggml_type, export_gguf, permute_rows, rotary_row_order
 from tasa_deploy.exporters.gguf_vocab import detect_pre_tokenizer
 from tasa_deploy.model import quantizable_modules

@@ -163,7 +163,8 @@ def test_bad_input_is_refused_before_launch(case):
 def _tiny_artifact(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasa_deploy.artifacts import BitPlan, ModulePlan, load_artifact, save_artifact
+    from tasa_deploy.artifacts import BitPlan, ModulePlan
+    from tasa_deploy.quantized_dir import load_artifact, save_artifact
     from tasa_deploy.model import model_fingerprint, quantizable_modules
     from tasa_deploy.quant.rtn import quantize_rtn
     from tasa_deploy.quant.spec import QuantSpec

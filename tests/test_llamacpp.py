@@ -10,7 +10,8 @@ import gguf
 import pytest
 import torch
 
-from tasa_deploy.artifacts import BitPlan, ModulePlan, load_artifact, save_artifact
+from tasa_deploy.artifacts import BitPlan, ModulePlan
+from tasa_deploy.quantized_dir import load_artifact, save_artifact
 from tasa_deploy.exporters.gguf import export_gguf
 from tasa_deploy.exporters.llamacpp import (export_gguf_via_llama_quantize, find_llamacpp_bin, llama_generate,
                                             llama_perplexity, llama_tokenize)

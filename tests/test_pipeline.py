@@ -4,7 +4,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tasa_deploy.artifacts import BitPlan, load_artifact
+from tasa_deploy.artifacts import BitPlan
+from tasa_deploy.quantized_dir import load_artifact
 from tasa_deploy.cli import app
 from tasa_deploy.model import load_artifact_model, load_model, model_fingerprint
 from tasa_deploy.pipeline import uniform_plan

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from tasa_deploy import UsageError
 from tasa_deploy import schema
-from tasa_deploy.artifacts import (BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers,
-                                   load_artifact, read_json, save_artifact)
+from tasa_deploy.artifacts import BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers, read_json
+from tasa_deploy.quantized_dir import load_artifact, save_artifact
 from tasa_deploy.plan import build_plan, normalized_layer_deltas
 from tasa_deploy.quant.rtn import quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec

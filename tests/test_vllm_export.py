@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tasa_deploy import UsageError
-from tasa_deploy.artifacts import BitPlan, ModulePlan, load_artifact, save_artifact
+from tasa_deploy.artifacts import BitPlan, ModulePlan
+from tasa_deploy.quantized_dir import load_artifact, save_artifact
 from tasa_deploy.exporters.vllm import export_vllm
 from tasa_deploy.model import FUSED_GROUPS, quantizable_modules
 from tasa_deploy.quant.rtn import quantize_rtn
