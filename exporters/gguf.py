@@ -32,12 +32,14 @@ import torch
 from tasa_deploy import UsageError
 from tasa_deploy.quantized_dir import load_artifact
 from tasa_deploy.outputs import TAG, atomic_path, check_output
+from tasa_deploy.schema import read_json
 from tasa_deploy.exporters import gguf_vocab
 from tasa_deploy.exporters.gguf_pack import GGUF_QTYPE, pack_quantized
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
 from tasa_deploy.quant.rtn import quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec
 from tasa_deploy.quant.tensor import QuantizedTensor
+from tasa_deploy.weights_check import expected_parameters, optional_parameters
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +195,35 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
     return out, warnings, n_bits / max(n_weights, 1)
 
 
+def expected_gguf_names(config: Mapping) -> set[str]:
+    """GGUF tensor names the model's config implies (its HF parameters through gguf-py's name map; a tied
+    lm_head is left out, as llama.cpp re-ties it)."""
+    arch, _ = gguf_architecture(config)
+    name_map = gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
+    names = set()
+    for hf_name in set(expected_parameters(config)) - optional_parameters(config):
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UsageError(f"the config's tensor {hf_name} has no GGUF name for {arch.name.lower()}")
+        names.add(gguf_name)
+    return names
+
+
+def check_gguf_names(config: Mapping, names: Iterable[str], where: str) -> None:
+    """One-line UsageError unless the GGUF tensor names are exactly those the config implies."""
+    names, expected = set(names), expected_gguf_names(config)
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise UsageError(f"{where}: the GGUF tensors do not match the model's config.json ({len(missing)} "
+                         f"missing, first: {missing[:3]}; {len(unexpected)} unexpected, first: {unexpected[:3]}); "
+                         "nothing was written")
+
+
 def write_gguf(out: Path, config: Mapping, tokenizer_dir: Path, tensors: Mapping, *, force: bool = False,
                pre_tokenizer: str | None = None, inputs: tuple[Path, ...] = ()) -> list[str]:
     """Write metadata, tokenizer and `tensors` ({name: (data, type)}) to `out` atomically; returns warnings."""
     arch, _ = gguf_architecture(config)
+    check_gguf_names(config, tensors, str(out))
     vocab = gguf_vocab.read_vocab(Path(tokenizer_dir), int(config["vocab_size"]), pre_tokenizer)
     linear_types = Counter(_type_name(t) for name, (_, t) in tensors.items() if name.startswith("blk.")
                            and t != FLOAT_TYPES["f32"])
@@ -217,8 +244,6 @@ def export_dense_gguf(model_dir: Path, out: Path, *, dtype: str = "f16", force: 
     """An unquantized GGUF (2-D weights in `dtype`, f16 or f32) of an HF safetensors directory — the input
     llama-quantize expects."""
     from safetensors.torch import load_file
-
-    from tasa_deploy.artifacts import read_json
 
     model_dir = Path(model_dir)
     config = read_json(model_dir / "config.json", "model config", allow_nonfinite=True)
@@ -253,6 +278,8 @@ def export_gguf(artifact_dir: Path, out: Path, *, force: bool = False, type_map:
     """Write `out` (a .gguf) from the quantized artifact in `artifact_dir`; see the module docstring."""
     out = Path(out)
     check_output(out, force=force, inputs=(Path(artifact_dir),))
+    if (Path(artifact_dir) / "config.json").is_file():  # an unsupported architecture is the first thing to say
+        gguf_architecture(read_json(Path(artifact_dir) / "config.json", "model config", allow_nonfinite=True))
     artifact = load_artifact(Path(artifact_dir))
     tensors, warnings, bpw = gguf_tensors(artifact.config, artifact.modules, artifact.tensors, type_map=type_map,
                                           embedding_type=embedding_type)

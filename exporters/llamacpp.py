@@ -291,7 +291,7 @@ def export_gguf_via_llama_quantize(artifact_dir: Path, out: Path, base_model_dir
     (with an importance matrix from `calibration_tokens` [n, T] when given). Returns a GGUFExportReport
     read back from the written file."""
     from tasa_deploy.quantized_dir import load_artifact
-    from tasa_deploy.exporters.gguf import export_dense_gguf
+    from tasa_deploy.exporters.gguf import check_gguf_names, export_dense_gguf
     from tasa_deploy.outputs import atomic_path, check_output
 
     check_output(Path(out), force=force, inputs=(Path(artifact_dir), Path(base_model_dir)))
@@ -310,6 +310,7 @@ def export_gguf_via_llama_quantize(artifact_dir: Path, out: Path, base_model_dir
         with atomic_path(Path(out), force=force, inputs=(Path(artifact_dir),)) as tmp:
             llama_quantize(base, tmp, FTYPE_FOR_TYPE[dominant], imatrix=imatrix, tensor_type_file=type_file,
                            embedding_type=embedding_type)
+            check_gguf_names(artifact.config, (t.name for t in gguf.GGUFReader(tmp).tensors), str(out))
     return report_from_file(Path(out), types)
 
 

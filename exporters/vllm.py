@@ -38,6 +38,7 @@ from tasa_deploy.quantized_dir import QuantizedArtifact, load_artifact
 from tasa_deploy.outputs import atomic_path, check_output
 from tasa_deploy.model import FUSED_GROUPS
 from tasa_deploy.quant.tensor import QuantizedTensor
+from tasa_deploy.weights_check import check_weights
 
 PACK_FORMAT = "pack-quantized"
 ARTIFACT_ONLY_FILES = ("quantized.json", "config.json", "model.safetensors")
@@ -178,6 +179,15 @@ def dense_tensors(artifact: QuantizedArtifact, dtype: torch.dtype) -> dict[str, 
             for name, tensor in artifact.tensors.items() if not (tied and name == "lm_head.weight")}
 
 
+def checkpoint_shapes(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, QuantizedTensor]) -> dict:
+    """{HF parameter: shape} a compressed-tensors checkpoint stands for: each packed module's
+    weight_packed/_scale/_shape trio counts as its `.weight` of the module's shape."""
+    packed = {f"{name}.{key}" for name in modules for key in ("weight_packed", "weight_scale", "weight_shape")}
+    shapes = {name: tuple(t.shape) for name, t in tensors.items() if name not in packed}
+    shapes.update({f"{name}.weight": tuple(qt.shape) for name, qt in modules.items() if f"{name}.weight_packed" in tensors})
+    return shapes
+
+
 def export_dtype_name(config: Mapping) -> str:
     """bfloat16 when the base model is bfloat16 (fp16 may overflow it), else float16."""
     declared = str(config.get("torch_dtype") or config.get("dtype") or "float16")
@@ -210,6 +220,7 @@ def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False) -> Vl
     tensors = dense_tensors(artifact, EXPORT_DTYPES[dtype_name])
     for name, qt in artifact.modules.items():
         tensors.update(pack_module(name, qt, scheme_of[name]))
+    check_weights(artifact.config, checkpoint_shapes(tensors, artifact.modules), str(out_dir))
     config = {**artifact.config, "dtype": dtype_name, "torch_dtype": dtype_name,
               "quantization_config": quantization_config_dict(schemes)}
     with atomic_path(Path(out_dir), is_dir=True, force=force, inputs=(Path(artifact_dir),)) as tmp:

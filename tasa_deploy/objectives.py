@@ -16,7 +16,9 @@ Registry `OBJECTIVES` (one dict per concept):
         evaluation), every token after the first scored;
   math  mean per-token NLL of GSM8K answer tokens given "Question: ...\\nAnswer:" (token-weighted pooling);
   arc   multiple-choice loss, -log softmax_c(sum of choice-token log-likelihoods)[label], averaged over
-        ARC-Easy + ARC-Challenge probe questions (half each).
+        ARC-Easy + ARC-Challenge probe questions (half each); `hellaswag`, `piqa` likewise on their rows;
+  code  mean per-token NLL of MBPP reference code given the problem text and its first test;
+  NAME  a user task (`--task-data`, `tasa_deploy.tasks`): answer NLL or choice loss, by its row kind.
 Sequences are right-padded: with a causal mask a real token never attends to a later pad, so no attention
 mask is needed and batch composition does not change any scored log-prob (up to float rounding).
 """
@@ -149,6 +151,15 @@ def encode_answer(tokenizer, rows: list[dict], seq_len: int) -> list[EncodedSequ
     return sequences
 
 
+def encode_prompt_answer(tokenizer, rows: list[dict], seq_len: int) -> list[EncodedSequence]:
+    """{"prompt", "answer"} rows (code, user tasks): score the answer tokens given the prompt + newline."""
+    sequences = []
+    for row_index, row in enumerate(rows):
+        ids, start = prompt_continuation_ids(tokenizer, row["prompt"].rstrip() + "\n", row["answer"], seq_len)
+        sequences.append(EncodedSequence(ids, start, row_index, True))
+    return sequences
+
+
 def encode_choices(tokenizer, rows: list[dict], seq_len: int) -> list[EncodedSequence]:
     """MC {"query", "choices", "label"} rows: one sequence per choice, its tokens scored after the query."""
     sequences = []
@@ -198,7 +209,23 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               "mean NLL of GSM8K answer tokens given the question"),
     Objective("arc", ("arc_easy", "arc_challenge"), _arc_rows, encode_choices, reduce_choice,
               "ARC multiple-choice loss: -log softmax over summed choice log-likelihoods"),
+    Objective("hellaswag", ("hellaswag",), _rows_from("hellaswag"), encode_choices, reduce_choice,
+              "HellaSwag multiple-choice loss"),
+    Objective("piqa", ("piqa",), _rows_from("piqa"), encode_choices, reduce_choice, "PIQA multiple-choice loss"),
+    Objective("code", ("mbpp",), _rows_from("mbpp"), encode_prompt_answer, reduce_token_mean,
+              "mean NLL of MBPP reference code given its problem text"),
 )}
+ENCODERS = {"answer": encode_prompt_answer, "mc": encode_choices}  # user task rows by kind
+REDUCERS = {"answer": reduce_token_mean, "mc": reduce_choice}
+
+
+def register_task_objective(name: str, kind: str) -> Objective:
+    """The objective of a user task (`--task-data`): answer NLL or choice loss over its probe rows."""
+    if name in OBJECTIVES:
+        raise UsageError(f"objective '{name}' already exists")
+    OBJECTIVES[name] = Objective(name, (name,), _rows_from(name), ENCODERS[kind], REDUCERS[kind],
+                                 f"user task '{name}': " + ("answer NLL" if kind == "answer" else "choice loss"))
+    return OBJECTIVES[name]
 
 
 def get_objective(name: str) -> Objective:

@@ -25,10 +25,8 @@ from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quanti
 from tasa_deploy.plan import check_budget_args
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
 from tasa_deploy.quant.spec import INT_GROUP_SIZES, QuantSpec, default_group_size
+from tasa_deploy.tasks import TASKS, get_task, register_task_data
 
-TASK_ALIASES = {"arc": ("arc_easy", "arc_challenge"), "gsm8k": ("gsm8k",), "arc_easy": ("arc_easy",),
-                "arc_challenge": ("arc_challenge",), "hellaswag": ("hellaswag",), "piqa": ("piqa",)}
-OBJECTIVE_FOR_TASK = {"gsm8k": "math", "arc_easy": "arc", "arc_challenge": "arc"}
 Log = Callable[[str], None]
 
 
@@ -42,6 +40,7 @@ class QuantizeRequest:
     method: str = "tasa"  # "tasa" | "uniform"
     target: str = "vllm"  # "vllm" (int g128 grid) | "gguf" (GGML grids)
     tasks: tuple[str, ...] = ("gsm8k", "arc")
+    task_data: tuple[str, ...] = ()  # "NAME=PATH" user tasks (tasa_deploy.tasks); NAME may then be in tasks
     general: str = "lambada"
     candidates: tuple[int, ...] = (3, 4, 8)
     beta: float = 0.5  # MOA weight on reasoning objectives
@@ -66,11 +65,12 @@ class QuantizeRequest:
             raise UsageError(f"--method must be tasa or uniform, got {self.method}")
         if self.method == "uniform" and (self.bits != int(self.bits) or not 2 <= self.bits <= 8):
             raise UsageError(f"uniform quantization needs an integer --bits in 2..8, got {self.bits}")
+        for spec in self.task_data:  # reads and validates the user's files before any model is loaded
+            register_task_data(spec)
         if not self.tasks:
-            raise UsageError("--tasks is empty; give at least one of: " + ", ".join(TASK_ALIASES))
-        unknown = [t for t in self.tasks if t not in TASK_ALIASES]
-        if unknown:
-            raise UsageError(f"unknown task '{unknown[0]}'; known: {', '.join(TASK_ALIASES)}")
+            raise UsageError("--tasks is empty; give at least one of: " + ", ".join(TASKS))
+        for task in self.tasks:
+            get_task(task)
         if any(not 2 <= b <= 8 for b in self.candidates):
             raise UsageError(f"candidate widths must be in 2..8, got {self.candidates}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -94,11 +94,12 @@ class QuantizeRequest:
 
     @property
     def task_sources(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(s for t in self.tasks for s in TASK_ALIASES[t]))
+        return tuple(dict.fromkeys(s for t in self.tasks for s in get_task(t).sources))
 
     @property
     def objectives(self) -> tuple[str, ...]:
-        return ("ppl", *dict.fromkeys(OBJECTIVE_FOR_TASK[s] for s in self.task_sources if s in OBJECTIVE_FOR_TASK))
+        """"ppl" and each task's objective: every task has one, so a plan is never silently ppl-only."""
+        return ("ppl", *dict.fromkeys(get_task(t).objective for t in self.tasks))
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -290,6 +291,15 @@ def _check_resources(request: QuantizeRequest) -> None:
                                           request.seq_len))
 
 
+def unquantized_tensors(model: torch.nn.Module, modules: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the model except the weights of quantized modules (their biases stay: Qwen2's q/k/v
+    biases were lost here once); a tied lm_head is left out."""
+    quantized = {f"{name}.weight" for name in modules}
+    if getattr(model.config, "tie_word_embeddings", False):
+        quantized.add("lm_head.weight")
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in quantized}
+
+
 def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> tuple[Path, dict]:
     """All stages for one request; returns the artifact dir and a summary (stage times, plan bits)."""
     from tasa_deploy.quantize import GPTQSettings, quantize_model
@@ -325,9 +335,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     settings = GPTQSettings(act_order=request.act_order, true_sequential=request.true_sequential)
     modules = times.run("quantize", quantize_model, loaded.model, plan, tokens, settings=settings,
                         resume_dir=work_dir / "gptq", on_block=on_block)
-    tensors = {k: v for k, v in loaded.model.state_dict().items() if k.rsplit(".", 1)[0] not in modules}
-    if getattr(loaded.model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
+    tensors = unquantized_tensors(loaded.model, modules)
     times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
               tensors=tensors, force=request.force, inputs=request.inputs, extra_files=stage_files(work_dir))
     summary = {"stage_seconds": times.seconds, "plan": plan, "alpha": mix.alpha if mix else None}

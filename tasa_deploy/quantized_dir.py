@@ -8,7 +8,8 @@
                                      unquantized tensor under its HF name (embeddings, norms, lm_head)
 
 Opening checks everything before anything is used: the index and the plan list the same modules with the same
-grids, and every stored tensor has the dtype and shape its grid implies (`QuantizedTensor.from_tensors`).
+grids, every stored tensor has the dtype and shape its grid implies (`QuantizedTensor.from_tensors`), and the
+whole set is what config.json implies (`weights_check`: no bias or norm left out). Writing checks the last.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tasa_deploy.outputs import atomic_path, write_json_atomic
 from tasa_deploy.quant.spec import QuantSpec
 from tasa_deploy.quant.tensor import QuantizedTensor
 from tasa_deploy.schema import Loc, check_schema, check_value, get_field, get_items, name_mismatch, read_json
+from tasa_deploy.weights_check import check_weights
 
 ARTIFACT_SCHEMA = "tasa-quantized/1"
 
@@ -56,6 +58,8 @@ def save_artifact(out_dir: Path, *, base_model_dir: Path, plan: BitPlan, modules
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    config = read_json(Path(base_model_dir) / "config.json", "model config", allow_nonfinite=True)
+    check_weights(config, _stored_shapes(modules, tensors), str(out_dir))
     with atomic_path(out_dir, is_dir=True, force=force, inputs=inputs) as tmp:
         for item in extra_files:
             shutil.copy2(item, tmp / Path(item).name)
@@ -105,7 +109,16 @@ def load_artifact(path: Path) -> QuantizedArtifact:
         if list(qt.shape) != meta["shape"]:
             raise UsageError(f"{path}: module {name} has shape {list(qt.shape)}, index says {meta['shape']}")
         modules[name] = qt
-    return QuantizedArtifact(path, config, plan, modules, _dense_tensors(flat, modules, weights))
+    dense = _dense_tensors(flat, modules, weights)
+    check_weights(config, _stored_shapes(modules, dense), str(path),
+                  "the artifact is incomplete (made by an older tasa-deploy?) — rerun `tasa-deploy quantize`")
+    return QuantizedArtifact(path, config, plan, modules, dense)
+
+
+def _stored_shapes(modules: Mapping[str, QuantizedTensor], tensors: Mapping[str, torch.Tensor]) -> dict:
+    """{HF parameter name: shape} of what an artifact holds: quantized weights by their module's shape."""
+    return {**{name: tuple(t.shape) for name, t in tensors.items()},
+            **{f"{name}.weight": tuple(qt.shape) for name, qt in modules.items()}}
 
 
 def _index_entries(index: dict, plan: BitPlan, path: Path) -> dict[str, dict]:

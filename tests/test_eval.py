@@ -9,8 +9,12 @@ import torch.nn.functional as F
 
 from tasa_deploy import UsageError
 from tasa_deploy.eval import EVALS, choice_nll, evaluate_multiple_choice, evaluate_perplexity, token_nll
-from tasa_deploy.eval.gsm8k import (evaluate_gsm8k, extract_answer, generate_greedy, gsm8k_answer_nll,
-                                    normalize_number, truncate_at_stop)
+from tasa_deploy.eval.generate import binomial_se, generate_greedy, truncate_at
+from tasa_deploy.eval.gsm8k import STOP_STRINGS, evaluate_gsm8k, extract_answer, gsm8k_answer_nll, normalize_number
+
+
+def truncate_at_stop(text: str) -> str:
+    return truncate_at(text, STOP_STRINGS)
 from tasa_deploy.eval.multiple_choice import choice_loglikelihoods
 
 TEXT = ("the cat sat on the mat. the dog sat on the log. a bird flew over the tree and the cat watched it. "
@@ -143,6 +147,7 @@ def test_token_average_rule_skips_the_choices_common_prefix():
     ("#### $42.", "42"),
     ("no number here", None),
     ("first 3 then #### 0.25 and 9", "0.25"),
+    ("so 3 + 4 = 7, and the answer is \\boxed{7}. Check: 8", "7"),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
@@ -180,23 +185,32 @@ def test_batched_greedy_generation_matches_unbatched_loop(tiny):
     model, tokenizer = tiny
     prompts = ["Question: how many cats?\nAnswer:", "the dog", "a bird flew over the tree and the cat"]
     reference = [greedy_reference(model, tokenizer, p, 6) for p in prompts]
-    assert generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == reference
+    assert generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=3,
+                           stop_strings=STOP_STRINGS) == reference
 
 
 def test_gsm8k_exact_match_counts_extracted_answers(tiny):
     model, tokenizer = tiny
     questions = ["how many cats?", "the dog sat on", "a bird", "the mat"]
-    generations = generate_greedy(model, tokenizer, [f"Question: {q}\nAnswer:" for q in questions], 12)
+    generations = generate_greedy(model, tokenizer, [f"Question: {q}\nAnswer:" for q in questions], 12,
+                                  stop_strings=STOP_STRINGS)
     # Targets: the model's own answer for the first two rows (or "0" where it wrote no number), wrong for the rest.
     targets = [extract_answer(g) or "0" for g in generations[:2]] + ["123456789", "987654321"]
     rows = [{"question": q, "answer": "", "target": t} for q, t in zip(questions, targets)]
     expected = sum(extract_answer(g) == normalize_number(t) for g, t in zip(generations, targets)) / 4
-    result = evaluate_gsm8k(model, tokenizer, limit=None, n_shot=0, max_new_tokens=12, rows=rows)
+    result = evaluate_gsm8k(model, tokenizer, limit=None, n_shot=0, max_new_tokens=12, rows=rows, chat=False)
     assert (result.exact_match, result.n) == (expected, 4)
+    assert result.exact_match_se == pytest.approx(binomial_se(round(expected * 4), 4))
 
 
 def test_evals_registry_names():
-    assert set(EVALS) == {"wikitext2", "gsm8k", "gsm8k_ll", "arc_easy", "arc_challenge", "hellaswag", "piqa"}
+    assert set(EVALS) >= {"wikitext2", "gsm8k", "gsm8k_ll", "arc_easy", "arc_challenge", "hellaswag", "piqa",
+                          "humaneval", "mbpp"}
+
+
+def test_binomial_se():
+    assert binomial_se(50, 200) == pytest.approx((0.25 * 0.75 / 200) ** 0.5)
+    assert binomial_se(0, 10) == 0.0 and binomial_se(0, 0) == 0.0
 
 
 @pytest.mark.slow

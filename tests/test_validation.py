@@ -21,6 +21,7 @@ from tasa_deploy.plan import build_plan, normalized_layer_deltas
 from tasa_deploy.quant.rtn import quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec
 from tasa_deploy.quant.tensor import QuantizedTensor, tensor_layout
+from tasa_deploy.weights_check import expected_parameters
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "tasa_smollm2"
 LOADERS = {"tasa_plan.json": BitPlan, "profile.json": SensitivityProfile, "mix.json": CalibrationMix}
@@ -334,16 +335,25 @@ SPECS = {"model.layers.0.self_attn.q_proj": QuantSpec(4, 64),
 GGML_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
-def build_artifact(root: Path, specs=SPECS, dense_modules=()) -> Path:
-    """A one-block artifact: RTN-quantized random linears per `specs`, plus embeddings/norm and the dense
-    weights of `dense_modules`, saved with save_artifact."""
+def tiny_config(layers: int = 1) -> dict:
+    """A real Llama config whose q/k/v are [16, K] (one 16-wide head) and whose MLP is [K, K]."""
+    return {"model_type": "llama", "hidden_size": K, "intermediate_size": K, "num_hidden_layers": layers,
+            "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 32,
+            "tie_word_embeddings": True}
+
+
+def build_artifact(root: Path, specs=SPECS, layers: int = 1) -> Path:
+    """An artifact of a `tiny_config(layers)` model: RTN-quantized random linears per `specs`, every other
+    tensor the config implies dense and random, saved with save_artifact."""
     torch.manual_seed(0)
     base = root / "base"
     base.mkdir(parents=True)
-    (base / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": K}))
-    modules = {name: quantize_rtn(torch.randn(16, K), spec) for name, spec in specs.items()}
-    tensors = {"model.embed_tokens.weight": torch.randn(32, K), "model.norm.weight": torch.ones(K),
-               **{f"{name}.weight": torch.randn(16, K) for name in dense_modules}}
+    config = tiny_config(layers)
+    (base / "config.json").write_text(json.dumps(config))
+    shapes = expected_parameters(config)
+    modules = {name: quantize_rtn(torch.randn(shapes[f"{name}.weight"]), spec) for name, spec in specs.items()}
+    tensors = {name: torch.randn(shape) for name, shape in shapes.items()
+               if name != "lm_head.weight" and name.removesuffix(".weight") not in modules}
     plan = BitPlan("fp-test", "gguf", {name: ModulePlan(spec, "rtn") for name, spec in specs.items()})
     return save_artifact(root / "art", base_model_dir=base, plan=plan, modules=modules, tensors=tensors)
 
@@ -355,8 +365,9 @@ def good_artifact(tmp_path_factory) -> Path:
 
 def test_good_artifact_loads_and_layouts_match_every_grid(good_artifact):
     artifact = load_artifact(good_artifact)
-    assert set(artifact.modules) == set(SPECS) and set(artifact.tensors) == {"model.embed_tokens.weight",
-                                                                             "model.norm.weight"}
+    assert set(artifact.modules) == set(SPECS)
+    assert set(artifact.tensors) == {"model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
+                                     "model.layers.0.post_attention_layernorm.weight", "model.layers.0.self_attn.o_proj.weight"}
     for spec in [QuantSpec(b, g, s) for b in (2, 4, 8) for g in (32, 128, -1) for s in (True, False)] + \
             [QuantSpec.for_ggml(name) for name in GGML_NAMES]:
         qt = quantize_rtn(torch.randn(8, 512), spec)  # what the grids really store == what tensor_layout says
@@ -402,7 +413,7 @@ TENSOR_CASES = [
     ("kquant sc unsigned", _set(f"{DOWN}.extra.sc", lambda t: t.to(torch.uint8)),
      r"down_proj\.extra\.sc is uint8, expected int8"),
     ("kquant dmin shape", _set(f"{GATE}.extra.dmin", lambda t: t.repeat(1, 2)),
-     r"gate_proj\.extra\.dmin has shape \[16, 2\], expected \[16, 1\]"),
+     r"gate_proj\.extra\.dmin has shape \[256, 2\], expected \[256, 1\]"),
     ("unknown extra", _add(f"{GATE}.extra.x", torch.zeros(1)), r"gate_proj\.extra\.x is unexpected for the q4_k grid"),
     ("orphan codes", _add("model.layers.0.mlp.other.codes", torch.zeros(4, 4, dtype=torch.uint8)),
      r"holds quantized tensors for model\.layers\.0\.mlp\.other, which quantized\.json does not list"),
@@ -460,9 +471,8 @@ def test_index_and_plan_must_agree(tmp_path, good_artifact, name, mutate, messag
 
 def test_partial_plan_is_not_a_low_bit_model(tmp_path):
     """Block 0 quantized, block 1's same linears left dense: refused (a 7-of-210 plan is not a 3.5 bpw model)."""
-    specs = {QP: QuantSpec(4, 64), UP: QuantSpec(4, 64)}
-    dense = ("model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.o_proj")
-    art = build_artifact(tmp_path, specs, dense_modules=dense)  # o_proj is planned in no block: may stay dense
+    specs = {QP: QuantSpec(4, 64), UP: QuantSpec(4, 64)}  # o_proj etc. are planned in no block: may stay dense
+    art = build_artifact(tmp_path, specs, layers=2)
     with pytest.raises(UsageError, match=r"2 block linears are dense while the same linear of other blocks is "
                                          r"quantized \(first: model\.layers\.1\.mlp\.up_proj, "
                                          r"model\.layers\.1\.self_attn\.q_proj\)"):

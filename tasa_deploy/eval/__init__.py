@@ -1,4 +1,5 @@
-"""Evaluation: WikiText-2 perplexity, zero-shot multiple choice, GSM8K; one registry `EVALS` for the CLI.
+"""Evaluation: WikiText-2 perplexity, zero-shot multiple choice, GSM8K, code pass@1 (HumanEval, MBPP) and
+user tasks (`--task-data`); one registry `EVALS` for the CLI. Accuracies carry `<metric>_se`.
 
 EVALS[name](model, tokenizer, limit) -> a JSON-ready dict. `limit` caps the work: windows of 512 tokens for
 "wikitext2", problems / rows for the others (None: the whole eval split).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from tasa_deploy import UsageError
 from tasa_deploy.eval.gsm8k import GSM8KResult, evaluate_gsm8k, gsm8k_answer_nll
 from tasa_deploy.eval.multiple_choice import MC_TASKS, MCResult, choice_nll, evaluate_multiple_choice
 from tasa_deploy.eval.perplexity import PerplexityResult, evaluate_perplexity, token_nll
@@ -38,8 +40,54 @@ def _mc_eval(task: str) -> EvalFn:
     return run
 
 
+def _code_eval(task: str) -> EvalFn:
+    def run(model, tokenizer, limit: int | None) -> dict:
+        from tasa_deploy.eval.code import evaluate_code
+
+        return evaluate_code(model, tokenizer, task, limit=limit).to_json()
+    return run
+
+
+def eval_mbpp(model, tokenizer, limit: int | None) -> dict:
+    """MBPP pass@1 on its probe half (MBPP's other half calibrates the `code` task): a diagnostic only."""
+    from tasa_deploy.data import load_rows
+    from tasa_deploy.eval.code import evaluate_code
+
+    return evaluate_code(model, tokenizer, "mbpp", rows=load_rows("mbpp", "probe", limit)).to_json()
+
+
+def _answer_eval(task: str) -> EvalFn:
+    """A user generation task: pass@1 when its rows carry tests, else exact match of the answer."""
+    def run(model, tokenizer, limit: int | None) -> dict:
+        from tasa_deploy.data import load_rows
+        from tasa_deploy.eval.code import evaluate_code
+        from tasa_deploy.eval.exact import evaluate_exact_match
+
+        rows = load_rows(task, "eval", limit)
+        if all("tests" in row for row in rows):
+            return evaluate_code(model, tokenizer, task, rows=rows).to_json()
+        return evaluate_exact_match(model, tokenizer, task, rows).to_json()
+    return run
+
+
+def _user_mc_eval(task: str) -> EvalFn:
+    def run(model, tokenizer, limit: int | None) -> dict:
+        from tasa_deploy.data import load_rows
+
+        return evaluate_multiple_choice(model, tokenizer, task, rows=load_rows(task, "eval", limit)).to_json()
+    return run
+
+
 EVALS: dict[str, EvalFn] = {"wikitext2": eval_wikitext2, "gsm8k": eval_gsm8k, "gsm8k_ll": eval_gsm8k_ll,
-                            **{task: _mc_eval(task) for task in MC_TASKS}}
+                            **{task: _mc_eval(task) for task in MC_TASKS},
+                            "humaneval": _code_eval("humaneval"), "mbpp": eval_mbpp}
+
+
+def register_task_eval(name: str, kind: str) -> None:
+    """The evaluation of a user task (`--task-data`): by row kind, see `tasa_deploy.tasks`."""
+    if name in EVALS:
+        raise UsageError(f"evaluation '{name}' already exists")
+    EVALS[name] = _answer_eval(name) if kind == "answer" else _user_mc_eval(name)
 
 __all__ = ["EVALS", "GSM8KResult", "MCResult", "PerplexityResult", "choice_nll", "evaluate_gsm8k",
            "evaluate_multiple_choice", "evaluate_perplexity", "gsm8k_answer_nll", "token_nll"]

@@ -1,8 +1,10 @@
 """GSM8K (Cobbe et al. 2021): few-shot exact match of generated answers, and the answer log-likelihood.
 
-Exact match: an n-shot prompt of GSM8K *train* solutions ("Question: ...\\nAnswer: <steps>\\n#### N", calculator
+Exact match, instruct models (a chat template): zero-shot, the question in one user turn asking for the
+answer after "####"; base models: an n-shot prompt of GSM8K *train* solutions ("Question: ...\\nAnswer: <steps>\\n#### N", calculator
 annotations removed) followed by the test question; greedy decoding stops at a blank line or "Question:".
-The prediction is the number after "####" when the model writes one, else the last number in its output;
+The prediction is the number after "####" when the model writes one, else in its last \\boxed{}, else the
+last number in its output;
 numbers are normalized (commas, "$" and a trailing "." dropped; 18.00 == 18) before comparison.
 The answer NLL (`gsm8k_answer_nll`) is the mean per-token NLL of the reference solution " <steps> #### N"
 given "Question: ...\\nAnswer:" (zero-shot): a cheap, smooth proxy of GSM8K quality for sensitivity profiling.
@@ -17,10 +19,12 @@ from decimal import Decimal, InvalidOperation
 import torch
 
 from tasa_deploy import UsageError
+from tasa_deploy.eval.generate import binomial_se, generate_greedy, has_chat_template
 from tasa_deploy.eval.multiple_choice import continuation_logprobs
-from tasa_deploy.eval.perplexity import model_device, track
 
 STOP_STRINGS = ("\n\n", "Question:")
+CHAT_INSTRUCTION = "Solve the problem step by step, then give the final answer on the last line as: #### <number>"
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
@@ -29,6 +33,8 @@ class GSM8KResult:
     exact_match: float
     n: int
     n_shot: int
+    exact_match_se: float = 0.0
+    chat: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -52,6 +58,9 @@ def extract_answer(generation: str) -> str | None:
         after = NUMBER.findall(generation.split("####")[-1])
         if after:
             return normalize_number(after[0])
+    boxed = BOXED.findall(generation)  # instruct models often answer in \boxed{...} anyway
+    if boxed and NUMBER.findall(boxed[-1]):
+        return normalize_number(NUMBER.findall(boxed[-1])[-1])
     numbers = NUMBER.findall(generation)
     return normalize_number(numbers[-1]) if numbers else None
 
@@ -70,36 +79,16 @@ def few_shot_prefix(n_shot: int) -> str:
     return "".join(f"{question_prompt(s['question'])} {s['answer']}\n\n" for s in shots)
 
 
-def truncate_at_stop(text: str) -> str:
-    cut = min((text.find(s) for s in STOP_STRINGS if s in text), default=len(text))
-    return text[:cut]
-
-
-@torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches), cut at the first stop string."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
-    device = model_device(model)
-    for start in track(range(0, len(order), batch_size), "gsm8k", total=-(-len(order) // batch_size)):
-        chunk = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])  # [B, width]
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                   stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)  # [B, width + new]
-        for row, i in enumerate(chunk):
-            text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-            outputs[i] = truncate_at_stop(text)
-    return outputs
+def chat_prompt(question: str) -> str:
+    return f"{question}\n{CHAT_INSTRUCTION}"
 
 
 def evaluate_gsm8k(model, tokenizer, limit: int | None = 50, n_shot: int = 4, max_new_tokens: int = 192,
-                   rows: list[dict] | None = None) -> GSM8KResult:
-    """Exact match on the first `limit` GSM8K test problems (or on `rows`), n-shot, greedy."""
+                   rows: list[dict] | None = None, chat: bool | None = None, batch_size: int = 8) -> GSM8KResult:
+    """Exact match on the first `limit` GSM8K test problems (or on `rows`), greedy.
+
+    chat (default: whether the tokenizer has a chat template): zero-shot, the question in one user turn with
+    CHAT_INSTRUCTION; otherwise n-shot plain-text prompts."""
     if n_shot < 0 or max_new_tokens < 1:
         raise UsageError(f"need n_shot >= 0 and max_new_tokens >= 1, got {n_shot} and {max_new_tokens}")
     if rows is None:
@@ -109,11 +98,17 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = 50, n_shot: int = 4, ma
     rows = list(rows)[:limit]
     if not rows:
         raise UsageError("no GSM8K rows to evaluate")
-    prefix = few_shot_prefix(n_shot)
-    generations = generate_greedy(model, tokenizer, [prefix + question_prompt(r["question"]) for r in rows],
-                                  max_new_tokens)
+    chat = has_chat_template(tokenizer) if chat is None else chat
+    if chat:
+        prompts, stops, n_shot = [chat_prompt(r["question"]) for r in rows], (), 0
+    else:
+        prefix = few_shot_prefix(n_shot)
+        prompts, stops = [prefix + question_prompt(r["question"]) for r in rows], STOP_STRINGS
+    generations = generate_greedy(model, tokenizer, prompts, max_new_tokens, chat=chat, stop_strings=stops,
+                                  batch_size=batch_size, description="gsm8k")
     correct = sum(extract_answer(g) == normalize_number(r["target"]) for g, r in zip(generations, rows))
-    return GSM8KResult(exact_match=correct / len(rows), n=len(rows), n_shot=n_shot)
+    return GSM8KResult(exact_match=correct / len(rows), n=len(rows), n_shot=n_shot,
+                       exact_match_se=binomial_se(correct, len(rows)), chat=chat)
 
 
 def gsm8k_answer_nll(model, tokenizer, rows: list[dict]) -> float:

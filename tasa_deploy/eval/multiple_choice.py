@@ -32,6 +32,8 @@ class MCResult:
     acc_norm: float  # by log-likelihood per character of the continuation
     n: int
     acc_tokavg: float | None = None  # llama.cpp's rule: mean log-prob per token past the choices' common prefix
+    acc_se: float | None = None  # standard errors of acc and acc_norm (binomial)
+    acc_norm_se: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -134,6 +136,8 @@ def token_average_accuracy(rows: list[dict], choice_ids: list[list[list[int]]],
 def evaluate_multiple_choice(model, tokenizer, task: str, limit: int | None = None, rows=None,
                              batch_size: int = 16) -> MCResult:
     """acc / acc_norm of `model` on `rows` (default: the first `limit` eval rows of `task`)."""
+    from tasa_deploy.eval.generate import binomial_se
+
     if rows is None:
         if task not in MC_TASKS:
             raise UsageError(f"unknown multiple-choice task '{task}'; use one of {', '.join(MC_TASKS)}")
@@ -145,8 +149,10 @@ def evaluate_multiple_choice(model, tokenizer, task: str, limit: int | None = No
         raise UsageError(f"no rows to evaluate for {task}")
     choice_ids, token_logprobs = choice_token_logprobs(model, tokenizer, rows, batch_size)
     acc, acc_norm = score_rows(rows, _summed(token_logprobs))
-    return MCResult(task=task, acc=acc, acc_norm=acc_norm, n=len(rows),
-                    acc_tokavg=token_average_accuracy(rows, choice_ids, token_logprobs))
+    n = len(rows)
+    return MCResult(task=task, acc=acc, acc_norm=acc_norm, n=n,
+                    acc_tokavg=token_average_accuracy(rows, choice_ids, token_logprobs),
+                    acc_se=binomial_se(round(acc * n), n), acc_norm_se=binomial_se(round(acc_norm * n), n))
 
 
 def choice_nll(model, tokenizer, rows: list[dict]) -> float:
