@@ -245,7 +245,10 @@ def humaneval_row(doc: dict) -> dict:
 
 def _read_mbpp(role: str, path: str | None) -> list[dict]:
     rows = [mbpp_row(d) for d in _read_olmes_docs("codex_mbpp/gold_bpb_0shot")]  # the 500 MBPP test problems
-    return _select(rows, role, HALVES, 2)
+    first_of_prompt = {}  # MBPP states one problem twice (two solutions): keep the first, so no prompt
+    for row in rows:      # is in both the calibration and the probe half
+        first_of_prompt.setdefault(row["prompt"], row)
+    return _select(list(first_of_prompt.values()), role, HALVES, 2)
 
 
 def _read_humaneval(role: str, path: str | None) -> list[dict]:
