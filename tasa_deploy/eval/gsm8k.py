@@ -82,12 +82,15 @@ def chat_prompt(question: str) -> str:
     return f"{question}\n{CHAT_INSTRUCTION}"
 
 
-def evaluate_gsm8k(model, tokenizer, limit: int | None = 50, n_shot: int = 4, max_new_tokens: int = 192,
+def evaluate_gsm8k(model, tokenizer, limit: int | None = 50, n_shot: int = 4, max_new_tokens: int | None = None,
                    rows: list[dict] | None = None, chat: bool | None = None, batch_size: int = 8) -> GSM8KResult:
     """Exact match on the first `limit` GSM8K test problems (or on `rows`), greedy.
 
     chat (default: whether the tokenizer has a chat template): zero-shot, the question in one user turn with
-    CHAT_INSTRUCTION; otherwise n-shot plain-text prompts."""
+    CHAT_INSTRUCTION, up to 384 new tokens (step-by-step answers are long); otherwise n-shot plain-text
+    prompts, up to 192 new tokens."""
+    chat = has_chat_template(tokenizer) if chat is None else chat
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else (384 if chat else 192)
     if n_shot < 0 or max_new_tokens < 1:
         raise UsageError(f"need n_shot >= 0 and max_new_tokens >= 1, got {n_shot} and {max_new_tokens}")
     if rows is None:
@@ -97,7 +100,6 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = 50, n_shot: int = 4, ma
     rows = list(rows)[:limit]
     if not rows:
         raise UsageError("no GSM8K rows to evaluate")
-    chat = has_chat_template(tokenizer) if chat is None else chat
     if chat:
         prompts, stops, n_shot = [chat_prompt(r["question"]) for r in rows], (), 0
     else:
