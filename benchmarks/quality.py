@@ -76,9 +76,13 @@ class QuantSettings:
     probe_samples: int = 16
     mix_samples: int = 8
     seed: int = 0
+    tasks: tuple[str, ...] = ("gsm8k", "arc")  # what TASA protects (quality_qwen.py: code, gsm8k)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if self.tasks == ("gsm8k", "arc"):  # the key of caches made before tasks were a setting
+            del fields["tasks"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 FULL_EVAL = EvalSettings()
@@ -172,8 +176,8 @@ ALPHA_ABLATIONS = {"tasa-3.5-taskonly": 0.0, "tasa-3.5-generalonly": 1.0}  # alp
 def quantize_request(name: str, model: str, quant: QuantSettings, root: Path, **fields):
     from tasa_deploy.pipeline import QuantizeRequest
 
-    return QuantizeRequest(model=model, out=root / "artifacts" / name, candidates=TASA_CANDIDATES, **asdict(quant),
-                           **fields)
+    return QuantizeRequest(model=model, out=root / "artifacts" / name, candidates=TASA_CANDIDATES,
+                           **{**asdict(quant), "tasks": tuple(quant.tasks)}, **fields)
 
 
 def run_request(request) -> dict:

@@ -55,6 +55,8 @@ def test_row_format(source, shared_data):
         elif kind == "gsm8k":
             assert "<<" not in row["answer"] and row["answer"].rstrip().endswith("#### " + row["target"])
             float(row["target"])
+        elif kind == "answer":
+            assert row["prompt"].strip() and row["answer"].strip() and "assert" in row["tests"]
         else:
             assert row["text"].strip()
 
