@@ -82,9 +82,9 @@ def test_quantize_keeps_biases_and_logits(tiny_qwen, artifacts):
         for name in (n for n in state if n.endswith(BIAS_NAMES)):
             assert torch.equal(artifact.tensors[name], state[name]), (target, name)
         error = relative_error(logits(load_artifact_model(path).model), reference)
-        assert error < 0.02, (target, error)  # 8-bit weights: measured ~0.002
+        assert error < 0.02, (target, error)  # 8-bit weights: measured 0.0042 (vllm grid), 0.0035 (q8_0)
     control = relative_error(logits(without_biases(base)), reference)
-    assert control > 0.1, control  # dropping the biases would be seen (measured ~0.5)
+    assert control > 0.1, control  # dropping the biases would be seen (measured 1.31)
 
 
 def test_vllm_export_keeps_biases(artifacts, tmp_path):
@@ -96,7 +96,7 @@ def test_vllm_export_keeps_biases(artifacts, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     fake_quant = load_artifact_model(artifacts["vllm"]).model
     error = relative_error(logits(exported), logits(fake_quant))
-    assert error < 0.01, error  # dense tensors stored fp16: measured ~1e-4
+    assert error < 0.01, error  # dense tensors stored fp16: measured 0.00028
 
 
 def test_writers_refuse_an_artifact_without_biases(artifacts, tmp_path):
