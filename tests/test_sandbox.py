@@ -107,7 +107,7 @@ def test_wrong_or_empty_answers_fail(calibration_data):
     wrong = [program(r, "```python\ndef nothing():\n    return None\n```") if "entry_point" not in r
              else program(r, "    return None\n") for r in rows]
     result = score_programs("mix", wrong, FAST)
-    assert result.passed <= 1 and result.n == 20  # one HumanEval check could accept None; measured 0
+    assert result.passed <= 1 and result.n == 20  # at most one check might accept a None result
     mbpp_reference = score_programs("mbpp", [program(r, r["answer"]) for r in load_rows("mbpp", "probe", 30)])
     assert mbpp_reference.passed >= 29, mbpp_reference.statuses
 
