@@ -67,6 +67,11 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
     STATE["debug"] = debug
 
 
+TaskDataOption = Annotated[Optional[list[str]], typer.Option(
+    "--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); "
+                        "repeatable; then name it in --tasks.")]
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -96,7 +101,7 @@ def quantize(
     method: Annotated[str, typer.Option(help="tasa | uniform")] = "tasa",
     target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
     tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
-    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
+    task_data: TaskDataOption = None,
     candidates: Annotated[str, typer.Option(help="Candidate widths for the allocator.")] = "3,4,8",
     beta: Annotated[float, typer.Option(help="MOA weight of the reasoning objectives (1-beta on perplexity).")] = 0.5,
     group_size: Annotated[Optional[int], typer.Option(help="Int group size (default: largest of 128/64/32 dividing K).")] = None,
@@ -156,7 +161,7 @@ def mix(
     model: Annotated[str, typer.Option()] = "smollm2-135m",
     general: Annotated[str, typer.Option(help="General data source.")] = "lambada",
     tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
-    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
+    task_data: TaskDataOption = None,
     alphas: Annotated[str, typer.Option(help="Grid of general-data shares.")] = "0,0.25,0.5,0.75,1",
     samples: Annotated[int, typer.Option()] = 16,
     seq_len: Annotated[int, typer.Option()] = 256,
@@ -190,7 +195,7 @@ def profile(
     out: Annotated[Path, typer.Option("--out", help="profile.json to write.")] = Path("profile.json"),
     model: Annotated[str, typer.Option()] = "smollm2-135m",
     tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
-    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
+    task_data: TaskDataOption = None,
     target: Annotated[str, typer.Option(help="vllm | gguf: which candidate grids to measure.")] = "vllm",
     candidates: Annotated[str, typer.Option()] = "3,4,8",
     probe_samples: Annotated[int, typer.Option()] = 32,
@@ -262,7 +267,7 @@ def plan(
 def evaluate(
     model: Annotated[str, typer.Option(help="Model (as for quantize) or a quantized artifact directory.")] = "smollm2-135m",
     tasks: Annotated[str, typer.Option(help="wikitext2, gsm8k, gsm8k_ll, arc_easy, arc_challenge, hellaswag, piqa, humaneval, mbpp, or a --task-data NAME")] = "wikitext2",
-    task_data: Annotated[Optional[list[str]], typer.Option("--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); repeatable; then name it in --tasks.")] = None,
+    task_data: TaskDataOption = None,
     limit: Annotated[Optional[int], typer.Option(help="Items per task (windows for wikitext2).")] = None,
     backend: Annotated[str, typer.Option(help="torch (dequantized weights) | triton (packed kernels, CUDA).")] = "torch",
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw/ and gsm8k/ (default: ../shared/data).")] = None,

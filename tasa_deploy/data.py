@@ -14,7 +14,7 @@ held-out *probe* part of the task data, and evaluates on the task's test split. 
 | piqa          | validation rows i % 4 == 2 / i % 4 == 3       | validation rows i % 4 in (0, 1)       |
 | mbpp          | MBPP's 500 problems, even / odd rows          | -- (code is evaluated on HumanEval)   |
 | humaneval     | --                                            | HumanEval, all 164 problems           |
-| NAME          | `--task-data NAME=PATH` rows i % 4 == 2 / 3   | rows i % 4 in (0, 1) (`task_data.py`) |
+| NAME          | `--task-data NAME=PATH` rows i % 4 == 2 / 3   | rows i % 4 in (0, 1) (`tasks.py`)     |
 
 HellaSwag and PIQA publish no labelled test split, so their validation split is cut deterministically.
 Files: WikiText-2 and GSM8K from a shared data dir (`$TASA_DATA_DIR`, else the first `shared/data` found

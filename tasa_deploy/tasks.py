@@ -153,8 +153,8 @@ def read_task_rows(path: str) -> tuple[str, list[dict]]:
     checked = [_check_row(row, where) for where, row in raw]
     kinds = {kind for kind, _ in checked}
     if len(kinds) > 1:
-        first_mc = next(where for (where, _), (kind, _) in zip(raw, checked) if kind != checked[0][0])
-        raise UsageError(f"{first_mc}: mixes multiple-choice and generation rows; use one kind per task")
+        first_other = next(where for (where, _), (kind, _) in zip(raw, checked) if kind != checked[0][0])
+        raise UsageError(f"{first_other}: mixes multiple-choice and generation rows; use one kind per task")
     return checked[0][0], [row for _, row in checked]
 
 
@@ -172,9 +172,8 @@ def register_task_data(spec: str) -> Task:
     if name in data.DATASETS or name in objectives.OBJECTIVES:
         raise UsageError(f"'{name}' is a built-in data source or objective name; give your task another name")
     kind, rows = read_task_rows(path)
-    parts = {"eval": (0, 1), "calib": (2,), "probe": (3,)}
     source = data.DataSource(name, kind, data.ROLES, lambda role, _path: [r for i, r in enumerate(rows)
-                                                                          if i % 4 in parts[role]],
+                                                                          if i % 4 in data.QUARTERS[role]],
                              f"user task data {path}")
     data.register_source(source)
     objectives.register_task_objective(name, kind)

@@ -35,16 +35,11 @@ def eval_gsm8k_ll(model, tokenizer, limit: int | None) -> dict:
 
 
 def _mc_eval(task: str) -> EvalFn:
+    """Accuracy on a multiple-choice source's eval rows (built-in or `--task-data`)."""
     def run(model, tokenizer, limit: int | None) -> dict:
-        return evaluate_multiple_choice(model, tokenizer, task, limit=limit).to_json()
-    return run
+        from tasa_deploy.data import load_rows
 
-
-def _code_eval(task: str) -> EvalFn:
-    def run(model, tokenizer, limit: int | None) -> dict:
-        from tasa_deploy.eval.code import evaluate_code
-
-        return evaluate_code(model, tokenizer, task, limit=limit).to_json()
+        return evaluate_multiple_choice(model, tokenizer, task, rows=load_rows(task, "eval", limit)).to_json()
     return run
 
 
@@ -57,7 +52,7 @@ def eval_mbpp(model, tokenizer, limit: int | None) -> dict:
 
 
 def _answer_eval(task: str) -> EvalFn:
-    """A user generation task: pass@1 when its rows carry tests, else exact match of the answer."""
+    """A generation source (HumanEval, a user task): pass@1 when its rows carry tests, else exact match."""
     def run(model, tokenizer, limit: int | None) -> dict:
         from tasa_deploy.data import load_rows
         from tasa_deploy.eval.code import evaluate_code
@@ -70,24 +65,16 @@ def _answer_eval(task: str) -> EvalFn:
     return run
 
 
-def _user_mc_eval(task: str) -> EvalFn:
-    def run(model, tokenizer, limit: int | None) -> dict:
-        from tasa_deploy.data import load_rows
-
-        return evaluate_multiple_choice(model, tokenizer, task, rows=load_rows(task, "eval", limit)).to_json()
-    return run
-
-
 EVALS: dict[str, EvalFn] = {"wikitext2": eval_wikitext2, "gsm8k": eval_gsm8k, "gsm8k_ll": eval_gsm8k_ll,
                             **{task: _mc_eval(task) for task in MC_TASKS},
-                            "humaneval": _code_eval("humaneval"), "mbpp": eval_mbpp}
+                            "humaneval": _answer_eval("humaneval"), "mbpp": eval_mbpp}
 
 
 def register_task_eval(name: str, kind: str) -> None:
     """The evaluation of a user task (`--task-data`): by row kind, see `tasa_deploy.tasks`."""
     if name in EVALS:
         raise UsageError(f"evaluation '{name}' already exists")
-    EVALS[name] = _answer_eval(name) if kind == "answer" else _user_mc_eval(name)
+    EVALS[name] = _answer_eval(name) if kind == "answer" else _mc_eval(name)
 
 __all__ = ["EVALS", "GSM8KResult", "MCResult", "PerplexityResult", "choice_nll", "evaluate_gsm8k",
            "evaluate_multiple_choice", "evaluate_perplexity", "gsm8k_answer_nll", "token_nll"]

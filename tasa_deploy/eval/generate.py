@@ -32,7 +32,7 @@ def prompt_ids(tokenizer, text: str, chat: bool) -> list[int]:
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
     return list(tokenizer(text)["input_ids"])
@@ -43,10 +43,8 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     ids: list[int] = []
     for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         ids.extend(source if isinstance(source, list) else [source] if source is not None else [])
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if token_id is not None:
-            ids.append(token_id)
+    vocab = tokenizer.get_vocab()
+    ids.extend(vocab[token] for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>") if token in vocab)
     return sorted(set(ids))
 
 

@@ -16,7 +16,6 @@ import re
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 
-
 from tasa_deploy import UsageError
 from tasa_deploy.eval.generate import binomial_se, generate_greedy, has_chat_template
 from tasa_deploy.eval.multiple_choice import continuation_logprobs
