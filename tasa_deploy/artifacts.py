@@ -175,13 +175,23 @@ class SensitivityProfile:
     layer_deltas: Mapping[str, tuple[float, ...]]  # objective -> per-block loss increase (whole block RTN)
     units: tuple[UnitSensitivity, ...]
     settings: Mapping[str, Any] = field(default_factory=dict)  # probe width/group, target, data, sizes, seed
+    layer_se: Mapping[str, tuple[float, ...]] | None = None  # objective -> standard error of each layer delta
+    row_deltas: Mapping[str, tuple[tuple[float, ...], ...]] | None = None  # objective -> [layer][probe row]:
+    #   the paired change of the row's loss numerator (layer delta = sum over rows / sum of row_weights)
+    row_weights: Mapping[str, tuple[float, ...]] | None = None  # objective -> [probe row]: scored tokens, or 1
 
     def to_json(self) -> dict:
-        return {"schema": PROFILE_SCHEMA, "model_fingerprint": self.model_fingerprint,
-                "objectives": list(self.objectives), "baselines": dict(self.baselines),
-                "layer_deltas": {k: list(v) for k, v in self.layer_deltas.items()},
-                "units": [{**asdict(u), "modules": list(u.modules)} for u in self.units],
-                "settings": dict(self.settings)}
+        out = {"schema": PROFILE_SCHEMA, "model_fingerprint": self.model_fingerprint,
+               "objectives": list(self.objectives), "baselines": dict(self.baselines),
+               "layer_deltas": {k: list(v) for k, v in self.layer_deltas.items()},
+               "units": [{**asdict(u), "modules": list(u.modules)} for u in self.units],
+               "settings": dict(self.settings)}
+        if self.layer_se is not None:
+            out["layer_se"] = {k: list(v) for k, v in self.layer_se.items()}
+        if self.row_deltas is not None and self.row_weights is not None:
+            out["row_deltas"] = {k: [list(layer) for layer in v] for k, v in self.row_deltas.items()}
+            out["row_weights"] = {k: list(v) for k, v in self.row_weights.items()}
+        return out
 
     @classmethod
     def from_json(cls, obj: dict, path: Path = Path("profile.json")) -> "SensitivityProfile":
@@ -194,11 +204,12 @@ class SensitivityProfile:
                      for name, value in get_keyed(obj, "baselines", loc, objectives).items()}
         deltas = _layer_vectors(obj, "layer_deltas", loc, objectives)
         n_layers = len(deltas[objectives[0]])
-        if "layer_se" in obj:  # standard errors of the deltas: same shape, >= 0 (accepted, not yet used)
-            _layer_vectors(obj, "layer_se", loc, objectives, n_layers=n_layers, lo=0.0)
+        ses = _layer_vectors(obj, "layer_se", loc, objectives, n_layers=n_layers, lo=0.0) if "layer_se" in obj else None
+        rows, weights = _row_deltas(obj, loc, objectives, n_layers)
         units = _profile_units(obj, loc, objectives, n_layers)
         return cls(get_field(obj, "model_fingerprint", loc, "string"), objectives, baselines, deltas, units,
-                   get_field(obj, "settings", loc, "object", optional=True, nullable=True, nonempty=False) or {})
+                   get_field(obj, "settings", loc, "object", optional=True, nullable=True, nonempty=False) or {},
+                   ses, rows, weights)
 
     def save(self, path: Path, *, force: bool = True, inputs: tuple[Path, ...] = ()) -> None:
         write_json_atomic(path, self.to_json(), force=force, inputs=inputs)
@@ -232,6 +243,30 @@ def _layer_vectors(obj: Mapping, key: str, loc: Loc, objectives: tuple[str, ...]
         if len(vector) != expected:
             raise loc.key(key).key(name).fail(f"has {len(vector)} layers, but {reference} has {expected}")
     return vectors
+
+
+def _row_deltas(obj: Mapping, loc: Loc, objectives: tuple[str, ...], n_layers: int) -> tuple[dict | None, dict | None]:
+    """Optional per-row deltas [layer][row] and row weights [row] (>= 0, one per row); both or neither."""
+    if "row_deltas" not in obj and "row_weights" not in obj:
+        return None, None
+    for key in ("row_deltas", "row_weights"):
+        if key not in obj:
+            raise loc.fail(f"has {'row_weights' if key == 'row_deltas' else 'row_deltas'} without {key}")
+    weights = {name: tuple(float(v) for v in get_items(get_keyed(obj, "row_weights", loc, objectives), name,
+                                                       loc.key("row_weights"), "number", lo=0.0))
+               for name in objectives}
+    entries, rows = get_keyed(obj, "row_deltas", loc, objectives), {}
+    for name in objectives:
+        layers = get_items(entries, name, loc.key("row_deltas"), "array")
+        if len(layers) != n_layers:
+            raise loc.key("row_deltas").key(name).fail(f"has {len(layers)} layers, but layer_deltas has {n_layers}")
+        rows[name] = tuple(tuple(float(check_value(v, loc.key("row_deltas").key(name).item(i).item(j), "number"))
+                                 for j, v in enumerate(layer)) for i, layer in enumerate(layers))
+        bad = [i for i, layer in enumerate(rows[name]) if len(layer) != len(weights[name])]
+        if bad:
+            raise loc.key("row_deltas").key(name).item(bad[0]).fail(
+                f"has {len(rows[name][bad[0]])} rows, but row_weights.{name} has {len(weights[name])}")
+    return rows, weights
 
 
 def _profile_units(obj: Mapping, loc: Loc, objectives: tuple[str, ...],

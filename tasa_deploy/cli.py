@@ -70,6 +70,9 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
 TaskDataOption = Annotated[Optional[list[str]], typer.Option(
     "--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); "
                         "repeatable; then name it in --tasks.")]
+TaskLossOption = Annotated[str, typer.Option(
+    "--task-loss", help="How the profile scores each task: nll (its answers' NLL) or kl (KL divergence from the "
+                        "unquantized model on its answer tokens).")]
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -102,6 +105,7 @@ def quantize(
     target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
     tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
     task_data: TaskDataOption = None,
+    task_loss: TaskLossOption = "nll",
     candidates: Annotated[str, typer.Option(help="Candidate widths for the allocator.")] = "3,4,8",
     beta: Annotated[float, typer.Option(help="MOA weight of the reasoning objectives (1-beta on perplexity).")] = 0.5,
     group_size: Annotated[Optional[int], typer.Option(help="Int group size (default: largest of 128/64/32 dividing K).")] = None,
@@ -123,7 +127,7 @@ def quantize(
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
     request = QuantizeRequest(model=model, out=out, bits=bits, method=method, target=target, tasks=_csv(tasks),
-                              task_data=tuple(task_data or ()),
+                              task_data=tuple(task_data or ()), task_loss=task_loss,
                               candidates=_ints(candidates), beta=beta, group_size=group_size, symmetric=not asym,
                               quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
                               seed=seed, act_order=act_order, true_sequential=true_sequential,
@@ -136,7 +140,9 @@ def quantize(
     path, summary = run_quantize(request, log=lambda m: console.print(m), on_block=on_block)
     _print_plan_summary(summary["plan"])
     if "kendall_tau" in summary:
-        out_console.print(_table("Kendall tau between objectives", [{"pair": k, "tau": float(v)} for k, v in summary["kendall_tau"].items()]))
+        out_console.print(_table("signal-to-noise per objective (median |block delta| / SE)", summary["reliability"]))
+        out_console.print(_table("Kendall tau between objectives (95% bootstrap interval over probe rows)",
+                                 summary["kendall_tau"]))
         out_console.print(_table("top-5 layers", [{"objective": k, "layers": str(v)} for k, v in summary["top_layers"].items()]))
         out_console.print(f"calibration mix: alpha = {summary['alpha']} (share of general data)")
     out_console.print(_table("stage wall time (s)", [summary["stage_seconds"]]))
@@ -196,6 +202,7 @@ def profile(
     model: Annotated[str, typer.Option()] = "smollm2-135m",
     tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
     task_data: TaskDataOption = None,
+    task_loss: TaskLossOption = "nll",
     target: Annotated[str, typer.Option(help="vllm | gguf: which candidate grids to measure.")] = "vllm",
     candidates: Annotated[str, typer.Option()] = "3,4,8",
     probe_samples: Annotated[int, typer.Option()] = 32,
@@ -210,7 +217,8 @@ def profile(
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest
 
-    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), target=target, candidates=_ints(candidates),
+    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), task_loss=task_loss, target=target,
+                              candidates=_ints(candidates),
                               probe_samples=probe_samples, seq_len=seq_len, seed=seed)
     check_output(out, force=force)
     loaded = load_model(model)
@@ -224,9 +232,10 @@ def profile(
 
 
 def _print_profile_diagnostics(plan_stage, result, top_k: int) -> None:
-    taus = plan_stage.kendall_tau_matrix(result)
-    out_console.print(_table("Kendall tau between objectives (per-layer sensitivity)",
-                             [{"pair": f"{a} vs {b}", "tau": float(t)} for (a, b), t in taus.items()]))
+    out_console.print(_table("signal-to-noise per objective (median |block delta| / SE)",
+                             plan_stage.reliability_table(result)))
+    out_console.print(_table("Kendall tau between objectives (per-layer sensitivity; 95% bootstrap interval "
+                             "over probe rows)", plan_stage.tau_table(result)))
     top = plan_stage.top_layers(result, top_k)
     out_console.print(_table(f"top-{top_k} layers", [{"objective": k, "layers": str(list(v))} for k, v in top.items()]))
 

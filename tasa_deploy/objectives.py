@@ -26,7 +26,7 @@ mask is needed and batch composition does not change any scored log-prob (up to 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -85,7 +85,20 @@ class ProbeSet:
         return digest.hexdigest()
 
 
-Reducer = Callable[[torch.Tensor, torch.Tensor, ProbeSet], float]
+@dataclass(frozen=True)
+class RowLosses:
+    """An objective's loss split over its probe rows: loss = sum(num) / sum(den) (`tasa_deploy.stats` pairs
+    two of these into a delta with a standard error)."""
+
+    num: torch.Tensor  # [R] float64: the row's summed per-token loss (token mean) or its loss (per-row mean)
+    den: torch.Tensor  # [R] float64: the row's scored tokens (token mean) or 1
+
+    @property
+    def loss(self) -> float:
+        return float(self.num.sum() / self.den.sum().clamp(min=1))
+
+
+Reducer = Callable[[torch.Tensor, torch.Tensor, ProbeSet], RowLosses]
 
 
 @dataclass(frozen=True)
@@ -96,23 +109,26 @@ class Objective:
     encode: Callable[[object, list[dict], int], list[EncodedSequence]]  # (tokenizer, rows, seq_len)
     reduce: Reducer
     description: str
+    score: str = "nll"  # per-token loss: "nll" of the scored token, or "kl" from the unquantized model
 
 
 # ----------------------------------------------------------------------------------------- reducers
-def reduce_token_mean(seq_logprob: torch.Tensor, seq_count: torch.Tensor, probe: ProbeSet) -> float:
-    """Mean NLL per scored token, pooled over all sequences (seq_logprob/seq_count: [S] float64 / int64)."""
-    return float(-seq_logprob.sum() / seq_count.sum().clamp(min=1))
+def reduce_token_mean(seq_loss: torch.Tensor, seq_count: torch.Tensor, probe: ProbeSet) -> RowLosses:
+    """Mean per-token loss pooled over all sequences (seq_loss/seq_count: [S] float64 / int64), split by row."""
+    num = torch.zeros(probe.n_rows, dtype=torch.float64).index_add_(0, probe.seq_row, seq_loss)
+    den = torch.zeros(probe.n_rows, dtype=torch.float64).index_add_(0, probe.seq_row, seq_count.double())
+    return RowLosses(num, den)
 
 
-def reduce_choice(seq_logprob: torch.Tensor, seq_count: torch.Tensor, probe: ProbeSet) -> float:
-    """Mean over rows of -log softmax over that row's choices (summed log-likelihoods) at the correct one."""
+def reduce_choice(seq_loss: torch.Tensor, seq_count: torch.Tensor, probe: ProbeSet) -> RowLosses:
+    """Per row: -log softmax over that row's choices (summed log-likelihoods) at the correct one; mean over rows."""
     losses = []
     for row in range(probe.n_rows):
         in_row = probe.seq_row == row  # [S] bool
-        choice_scores = seq_logprob[in_row]  # [C]
+        choice_scores = -seq_loss[in_row]  # [C]
         target = probe.seq_is_target[in_row].nonzero()[0, 0]
         losses.append(-torch.log_softmax(choice_scores, dim=0)[target])
-    return float(torch.stack(losses).mean())
+    return RowLosses(torch.stack(losses).double(), torch.ones(probe.n_rows, dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------------- encoders
@@ -215,6 +231,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("code", ("mbpp",), _rows_from("mbpp"), encode_prompt_answer, reduce_token_mean,
               "mean NLL of MBPP reference code given its problem text"),
 )}
+KL_PREFIX = "kl:"
 ENCODERS = {"answer": encode_prompt_answer, "mc": encode_choices}  # user task rows by kind
 REDUCERS = {"answer": reduce_token_mean, "mc": reduce_choice}
 
@@ -229,6 +246,13 @@ def register_task_objective(name: str, kind: str) -> Objective:
 
 
 def get_objective(name: str) -> Objective:
+    """The registered objective; "kl:NAME" is derived from NAME on first use (same probe rows and tokens,
+    per-token loss KL(unquantized || quantized) instead of NLL, pooled per token)."""
+    base = name.removeprefix(KL_PREFIX)
+    if name not in OBJECTIVES and name != base and base in OBJECTIVES and OBJECTIVES[base].score == "nll":
+        source = OBJECTIVES[base]
+        OBJECTIVES[name] = replace(source, name=name, reduce=reduce_token_mean, score="kl",
+                                   description=f"KL(unquantized || quantized) next-token divergence on {base}'s scored tokens")
     if name not in OBJECTIVES:
         raise UsageError(f"unknown objective '{name}'; known: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
@@ -284,32 +308,48 @@ def load_probe_set(name: str, tokenizer, n_rows: int, seq_len: int, seed: int = 
 
 
 # ----------------------------------------------------------------------------------------- losses
-def scored_logprob_sums(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                        batch: ProbeBatch, chunk: int = 512) -> torch.Tensor:
-    """Per-sequence sum of log p(scored token | prefix) [B] float64, from final hidden states [B, T, H].
+def scored_positions(batch: ProbeBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [P], positions [P], targets [P]) of the scored tokens: token t+1 is predicted at position t."""
+    rows, cols = batch.score_mask[:, 1:].nonzero(as_tuple=True)
+    return rows, cols, batch.tokens[rows, cols + 1]
 
-    `logits_fn` maps hidden rows [P, H] to logits [P, V]; only the P scored positions go through it.
+
+def scored_states(hidden: torch.Tensor, batch: ProbeBatch) -> torch.Tensor:
+    """The final hidden states [P, H] at the scored positions (what the KL objective keeps of the unquantized model)."""
+    rows, cols, _ = scored_positions(batch)
+    return hidden[rows, cols]
+
+
+def scored_loss_sums(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, batch: ProbeBatch,
+                     reference: torch.Tensor | None = None, chunk: int = 512) -> torch.Tensor:
+    """Per-sequence sum of the per-token loss [B] float64, from final hidden states [B, T, H].
+
+    reference None: NLL, -log p(scored token | prefix). reference [P, H] (the unquantized model's
+    `scored_states`): KL(p_ref || p) over the vocabulary at each scored position. `logits_fn` maps hidden rows
+    [p, H] to logits [p, V]; only `chunk` scored positions go through it at a time, so no [P, V] tensor exists.
     """
-    target_mask = batch.score_mask[:, 1:]  # [B, T-1]: token t+1 scored from position t
-    rows, cols = target_mask.nonzero(as_tuple=True)  # [P], [P]
-    targets = batch.tokens[rows, cols + 1]  # [P]
+    rows, cols, targets = scored_positions(batch)
     sums = torch.zeros(batch.tokens.shape[0], dtype=torch.float64)  # [B]
     for start in range(0, rows.numel(), chunk):
         part = slice(start, start + chunk)
-        logits = logits_fn(hidden[rows[part], cols[part]]).float()  # [p, V]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[part, None])[:, 0]  # [p]
-        sums.index_add_(0, rows[part], logprobs.double())
+        logprobs = torch.log_softmax(logits_fn(hidden[rows[part], cols[part]]).float(), dim=-1)  # [p, V]
+        if reference is None:
+            losses = -logprobs.gather(1, targets[part, None])[:, 0]  # [p]
+        else:
+            ref = torch.log_softmax(logits_fn(reference[part]).float(), dim=-1)  # [p, V]
+            losses = (ref.exp() * (ref - logprobs)).sum(dim=-1)  # [p]
+        sums.index_add_(0, rows[part], losses.double())
     return sums
 
 
-def reduce_probe(probe: ProbeSet, batch_sums: Sequence[torch.Tensor]) -> float:
-    """The objective's loss from the per-batch sums of `scored_logprob_sums` (in probe.batches order)."""
-    seq_logprob = torch.zeros(probe.n_sequences, dtype=torch.float64)  # [S]
+def reduce_probe(probe: ProbeSet, batch_sums: Sequence[torch.Tensor]) -> RowLosses:
+    """The objective's per-row losses from the per-batch sums of `scored_loss_sums` (in probe.batches order)."""
+    seq_loss = torch.zeros(probe.n_sequences, dtype=torch.float64)  # [S]
     seq_count = torch.zeros(probe.n_sequences, dtype=torch.int64)  # [S]
     for batch, sums in zip(probe.batches, batch_sums, strict=True):
-        seq_logprob[batch.seq_index] = sums
+        seq_loss[batch.seq_index] = sums
         seq_count[batch.seq_index] = batch.score_mask.sum(dim=1)
-    return get_objective(probe.objective).reduce(seq_logprob, seq_count, probe)
+    return get_objective(probe.objective).reduce(seq_loss, seq_count, probe)
 
 
 def output_logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -322,10 +362,20 @@ def output_logits_fn(model) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_objective(model, probe: ProbeSet) -> float:
-    """Reference: the objective's loss from plain full-model forwards (no caching, no hooks)."""
+def objective_row_losses(model, probe: ProbeSet, reference_model=None) -> RowLosses:
+    """Reference: the objective's per-row losses from plain full-model forwards (no caching, no hooks). A KL
+    objective needs `reference_model` (the unquantized model) and scores KL(reference || model)."""
+    kl = get_objective(probe.objective).score == "kl"
+    if kl and reference_model is None:
+        raise UsageError(f"objective '{probe.objective}' is a KL divergence: pass the unquantized reference model")
     batch_sums = []
     for batch in probe.batches:
         logits = model(input_ids=batch.tokens, use_cache=False).logits  # [B, T, V]
-        batch_sums.append(scored_logprob_sums(lambda rows: rows, logits, batch))
+        reference = scored_states(reference_model(input_ids=batch.tokens, use_cache=False).logits, batch) if kl else None
+        batch_sums.append(scored_loss_sums(lambda rows: rows, logits, batch, reference))
     return reduce_probe(probe, batch_sums)
+
+
+def evaluate_objective(model, probe: ProbeSet, reference_model=None) -> float:
+    """The objective's loss from plain full-model forwards (`objective_row_losses`, pooled)."""
+    return objective_row_losses(model, probe, reference_model).loss

@@ -30,6 +30,9 @@ from tasa_deploy.tasks import TASKS, get_task, register_task_data
 Log = Callable[[str], None]
 
 
+TASK_LOSSES = ("nll", "kl")
+
+
 @dataclass(frozen=True)
 class QuantizeRequest:
     """Everything `tasa-deploy quantize` was asked to do (validated on construction)."""
@@ -52,6 +55,7 @@ class QuantizeRequest:
     seq_len: int = 512
     probe_samples: int = 16
     probe_seq_len: int = 128
+    task_loss: str = "nll"  # how the profile scores each task: "nll" of its answers, or "kl" from the base model
     mix_samples: int = 8
     true_sequential: bool = False
     seed: int = 0
@@ -75,6 +79,10 @@ class QuantizeRequest:
             raise UsageError(f"candidate widths must be in 2..8, got {self.candidates}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.task_loss not in TASK_LOSSES:
+            raise UsageError(f"--task-loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss}")
+        if self.probe_samples < 2:
+            raise UsageError(f"--probe-samples must be >= 2 (a standard error needs two rows), got {self.probe_samples}")
         if self.quantizer not in ("gptq", "rtn"):
             raise UsageError(f"--quantizer must be gptq or rtn, got {self.quantizer}")
         check_budget_args(self.bits, self.beta, self.target)
@@ -98,8 +106,10 @@ class QuantizeRequest:
 
     @property
     def objectives(self) -> tuple[str, ...]:
-        """"ppl" and each task's objective: every task has one, so a plan is never silently ppl-only."""
-        return ("ppl", *dict.fromkeys(get_task(t).objective for t in self.tasks))
+        """"ppl" and each task's objective: every task has one, so a plan is never silently ppl-only. With
+        task_loss "kl" a task is scored by KL from the unquantized model on its answer tokens ("kl:math")."""
+        prefix = "kl:" if self.task_loss == "kl" else ""
+        return ("ppl", *dict.fromkeys(prefix + get_task(t).objective for t in self.tasks))
 
     @property
     def inputs(self) -> tuple[Path, ...]:
@@ -342,7 +352,8 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     if request.method == "tasa" and request.plan_path is None:
         from tasa_deploy import plan as plan_stage
 
-        summary["kendall_tau"] = {f"{a} vs {b}": t for (a, b), t in plan_stage.kendall_tau_matrix(profile).items()}
+        summary["kendall_tau"] = plan_stage.tau_table(profile)
+        summary["reliability"] = plan_stage.reliability_table(profile)
         summary["top_layers"] = {k: list(v) for k, v in plan_stage.top_layers(profile, 5).items()}
     return request.out, summary
 

@@ -35,6 +35,7 @@ from tasa_deploy.artifacts import PLAN_TARGETS, BitPlan, ModulePlan, Sensitivity
 from tasa_deploy.outputs import TAG, atomic_path
 from tasa_deploy.bits import bits_per_weight, exact_bits_per_weight, gguf_candidates
 from tasa_deploy.quant.spec import QuantSpec
+from tasa_deploy.stats import bootstrap_tau, kendall_tau_b, signal_to_noise
 
 GENERAL_OBJECTIVES = ("ppl",)
 NORMALIZATION = "per-objective: max(delta, 0) / sum of max(delta, 0) over all units and candidates"
@@ -62,8 +63,8 @@ def _check_beta(beta: float) -> None:
 def objective_weights(objectives: Sequence[str], beta: float) -> dict[str, float]:
     """MOA weights: beta split over reasoning objectives, 1 - beta over general ones (see module doc)."""
     _check_beta(beta)
-    general = [o for o in objectives if o in GENERAL_OBJECTIVES]
-    reasoning = [o for o in objectives if o not in GENERAL_OBJECTIVES]
+    general = [o for o in objectives if o.removeprefix("kl:") in GENERAL_OBJECTIVES]  # kl:ppl is general too
+    reasoning = [o for o in objectives if o not in general]
     if not general or not reasoning:
         return {o: 1.0 / len(objectives) for o in objectives}
     return {**{o: (1.0 - beta) / len(general) for o in general}, **{o: beta / len(reasoning) for o in reasoning}}
@@ -211,29 +212,36 @@ def _short_name(unit_name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- diagnostics
-def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's tau-b (tie-corrected) by pair counting; nan when either sequence is constant."""
-    if len(x) != len(y):
-        raise UsageError(f"tau needs sequences of one length, got {len(x)} and {len(y)}")
-    concordant_minus_discordant, ties_x, ties_y, n_pairs = 0, 0, 0, 0
-    for i, j in combinations(range(len(x)), 2):
-        dx, dy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
-        concordant_minus_discordant += dx * dy
-        ties_x += dx == 0
-        ties_y += dy == 0
-        n_pairs += 1
-    denominator = math.sqrt((n_pairs - ties_x) * (n_pairs - ties_y))
-    return concordant_minus_discordant / denominator if denominator else math.nan
-
-
-def _sign(value: float) -> int:
-    return (value > 0) - (value < 0)
-
-
 def kendall_tau_matrix(profile: SensitivityProfile) -> dict[tuple[str, str], float]:
     """Tau-b between every pair of objectives' per-layer deltas (does ppl rank layers like math does?)."""
     return {(a, b): kendall_tau_b(profile.layer_deltas[a], profile.layer_deltas[b])
             for a, b in combinations(profile.objectives, 2)}
+
+
+def tau_table(profile: SensitivityProfile, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Rows {pair, tau, ci95_low, ci95_high}: tau-b with a bootstrap interval over probe rows (`stats.bootstrap_tau`;
+    no interval for a profile without per-row deltas). An interval that holds 0 cannot tell the pair from chance."""
+    rows = []
+    for (a, b), tau in kendall_tau_matrix(profile).items():
+        low = high = math.nan
+        if profile.row_deltas is not None and profile.row_weights is not None:
+            low, high = bootstrap_tau(profile.row_deltas[a], profile.row_weights[a], profile.row_deltas[b],
+                                      profile.row_weights[b], n_boot=n_boot, seed=seed)
+        rows.append({"pair": f"{a} vs {b}", "tau": tau, "ci95_low": low, "ci95_high": high})
+    return rows
+
+
+def reliability_table(profile: SensitivityProfile) -> list[dict]:
+    """Per objective: median |delta| / SE over blocks (its signal-to-noise), the mean SE, and how many block
+    deltas are negative (quantizing a block should not lower a loss; negatives are noise)."""
+    rows = []
+    for objective in profile.objectives:
+        deltas = profile.layer_deltas[objective]
+        ses = profile.layer_se[objective] if profile.layer_se is not None else None
+        rows.append({"objective": objective, "snr": signal_to_noise(deltas, ses) if ses else math.nan,
+                     "mean_se": sum(ses) / len(ses) if ses else math.nan,
+                     "negative_blocks": sum(d < 0 for d in deltas), "blocks": len(deltas)})
+    return rows
 
 
 def top_layers(profile: SensitivityProfile, k: int) -> dict[str, list[int]]:

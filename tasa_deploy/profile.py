@@ -5,20 +5,24 @@ Method (TASA, arXiv 2607.00908, sensitivity analysis; RTN on purpose, as the pap
      (`capture.capture_block_inputs`); keep block 0's inputs h_0 for every probe batch, with the keyword
      arguments (mask, rope) the model gives each block, so a replayed block l sees exactly its own.
   2. Baseline: run blocks 0..L-1 from h_0, final norm + lm_head on the scored positions only, and reduce
-     each objective's loss. All objectives come out of the same forward.
+     each objective's loss per probe row (`objectives.RowLosses`). All objectives come out of the same
+     forward. KL objectives ("kl:math") keep the unquantized final states at their scored positions here:
+     their per-token loss is KL(unquantized || quantized), 0 at the baseline.
   3. For block l (holding its full-precision inputs h_l): RTN-fake-quantize all its linears at the probe
-     width (int `probe_bits`, group = default_group_size(K)), run blocks l..L-1 from h_l, record
-     layer_delta_k(l) = loss_k - baseline_k, restore the weights. Then run block l in full precision to get
-     h_{l+1}; during that pass `capture.linear_input_hooks` accumulates each objective's input Gram matrix
-     H_k = X^T X / n over real (non-pad) tokens of its probe sequences, one per distinct linear input
-     (q/k/v share one, gate/up share one). Layer l costs about (L - l) / L of a full forward.
+     width (int `probe_bits`, group = default_group_size(K)), run blocks l..L-1 from h_l, record per
+     objective the paired per-row changes, the block delta and its standard error (`stats.paired_ratio_delta`),
+     restore the weights. Then run block l in full precision to get h_{l+1}; during that pass
+     `capture.linear_input_hooks` accumulates each objective's input Gram matrix H_k = X^T X / n over real
+     (non-pad) tokens of its probe sequences, one per distinct linear input (q/k/v share one, gate/up share
+     one). Layer l costs about (L - l) / L of a full forward.
   4. Per-unit costs without more forwards (a measured loss for every (unit, width) is too slow on CPU):
         E_k(u, c)       = sum over modules m in u of tr(dW_m H_k dW_m^T),  dW = W - RTN_c(W)   [output error]
-        error_k(u, c)   = max(layer_delta_k(l), 0) * E_k(u, c) / sum_{u' in l} E_k(u', probe spec)
-     i.e. the measured block delta is split over its units in proportion to their Hessian-weighted output
-     error, and extrapolated to other widths by the same error ratio. A block whose measured delta is <= 0 is
-     insensitive: all its candidates cost 0. tr(dW H dW^T) = sum(H * dW^T dW), so dW^T dW [K, K] is formed
-     once per (module, candidate) and shared by all objectives.
+        error_k(u, c)   = shrunk_k(l) * E_k(u, c) / sum_{u' in l} E_k(u', probe spec)
+     i.e. the block's delta is split over its units in proportion to their Hessian-weighted output error and
+     extrapolated to other widths by the same error ratio. shrunk_k is `stats.shrink` of the objective's
+     block deltas with their standard errors (a noisy block moves toward the objective's mean instead of
+     being clipped; an all-noise objective becomes flat). tr(dW H dW^T) = sum(H * dW^T dW), so dW^T dW [K, K]
+     is formed once per (module, candidate) and shared by all objectives.
 Units: target "vllm" -> one unit per fused group (model.FUSED_GROUPS: qkv, o, gate_up, down), named
 f"{block_prefix}.{group}", candidates int{b}g{default_group_size(K)} for b in `candidate_bits`;
 target "gguf" -> one unit per module (full HF name), candidates = GGML types its row fits (bits.gguf_candidates).
@@ -49,16 +53,17 @@ from tasa_deploy.artifacts import PLAN_TARGETS, SensitivityProfile, UnitSensitiv
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
 from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, block_linears, block_prefix, cache_root, decoder_blocks,
                                model_fingerprint)
-from tasa_deploy.objectives import (OBJECTIVES, ProbeSet, load_probe_set, output_logits_fn, reduce_probe,
-                                    scored_logprob_sums)
+from tasa_deploy.objectives import (ProbeSet, RowLosses, get_objective, load_probe_set, output_logits_fn,
+                                    reduce_probe, scored_loss_sums, scored_states)
 from tasa_deploy.quant.rtn import fake_quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec, default_group_size
+from tasa_deploy.stats import SHRINKAGE_RULE, paired_ratio_delta, shrink
 
-PARTIAL_SCHEMA = "tasa-profile-partial/1"
+PARTIAL_SCHEMA = "tasa-profile-partial/2"
 # Linears that read the same input as another one: their Gram matrix is that module's.
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
                 "mlp.up_proj": "mlp.gate_proj"}
-UNIT_ERROR_PROXY = "max(layer_delta,0) * E(u,c) / sum_u' E(u',probe); E = tr(dW H_k dW^T)"
+UNIT_ERROR_PROXY = "shrunk(layer_delta) * E(u,c) / sum_u' E(u',probe); E = tr(dW H_k dW^T)"
 
 
 @dataclass(frozen=True)
@@ -79,21 +84,23 @@ def profile_settings(*, objectives: Sequence[str] = ("ppl", "math", "arc"), targ
                      probe_bits: int = 3, candidate_bits: Iterable[int] = (3, 4, 8), n_probe: int = 32,
                      seq_len: int = 256, seed: int = 0, gguf_types: Iterable[str] | None = None) -> dict:
     """The validated settings that, with the model and the probe data, key the profile cache."""
-    unknown = [name for name in objectives if name not in OBJECTIVES]
-    if unknown or not objectives:
-        raise UsageError(f"unknown objective(s) {unknown or '(none given)'}; choose from {', '.join(OBJECTIVES)}")
+    if not objectives:
+        raise UsageError("no objectives given; name at least one (e.g. ppl, math, code, kl:math)")
+    for name in objectives:
+        get_objective(name)  # an unknown name is a UsageError listing the known ones
     if target not in PLAN_TARGETS:
         raise UsageError(f"unknown target '{target}'; choose one of {', '.join(PLAN_TARGETS)}")
     bits = sorted(set(int(b) for b in candidate_bits))
     if not bits or any(not 2 <= b <= 8 for b in bits) or not 2 <= probe_bits <= 8:
         raise UsageError(f"widths must be in 2..8 (probe {probe_bits}, candidates {bits})")
-    if n_probe < 1 or seq_len < 8:
-        raise UsageError(f"need n_probe >= 1 and seq_len >= 8 (got {n_probe}, {seq_len})")
+    if n_probe < 2 or seq_len < 8:
+        raise UsageError(f"need n_probe >= 2 (a standard error needs two rows) and seq_len >= 8 "
+                         f"(got {n_probe}, {seq_len})")
     return {"objectives": list(objectives), "target": target, "probe_bits": int(probe_bits),
             "probe_group": "default_group_size(K)", "candidate_bits": bits,
             "gguf_types": sorted(gguf_types) if gguf_types is not None else None,
             "n_probe": int(n_probe), "seq_len": int(seq_len), "seed": int(seed), "method": "rtn",
-            "unit_error_proxy": UNIT_ERROR_PROXY}
+            "unit_error_proxy": UNIT_ERROR_PROXY, "shrinkage": SHRINKAGE_RULE}
 
 
 def settings_hash(fingerprint: str, settings: dict, probes: dict[str, ProbeSet]) -> str:
@@ -149,20 +156,31 @@ def _final_norm(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def tail_losses(model: nn.Module, start: int, hidden: Sequence[BlockInputs],
-                batches: Sequence[tuple[str, int]], probes: dict[str, ProbeSet]) -> dict[str, float]:
-    """Every objective's loss from running blocks start..L-1 on the block-`start` inputs of each batch.
+def tail_losses(model: nn.Module, start: int, hidden: Sequence[BlockInputs], batches: Sequence[tuple[str, int]],
+                probes: dict[str, ProbeSet], references: Sequence[torch.Tensor | None] | None = None
+                ) -> tuple[dict[str, RowLosses], list[torch.Tensor | None]]:
+    """Every objective's per-row losses from running blocks start..L-1 on the block-`start` inputs of each batch.
 
-    `batches[i] = (objective, batch index)` names the probe batch whose inputs are hidden[i].
+    `batches[i] = (objective, batch index)` names the probe batch whose inputs are hidden[i]. KL objectives
+    score against references[i], the unquantized model's `scored_states` of batch i; with references None
+    (the unquantized baseline) their losses are 0 by definition and the states are returned to be those
+    references (second value; None for the other objectives' batches).
     """
     blocks, norm, logits_fn = decoder_blocks(model), _final_norm(model), output_logits_fn(model)
     sums: dict[str, list[torch.Tensor]] = {name: [] for name in probes}
-    for inputs, (name, index) in zip(hidden, batches, strict=True):
+    kept: list[torch.Tensor | None] = []
+    for i, (inputs, (name, index)) in enumerate(zip(hidden, batches, strict=True)):
         for block in blocks[start:]:
             inputs = next_block_inputs(block, inputs)
         states = norm(inputs.hidden_states)  # [B, T, H]
-        sums[name].append(scored_logprob_sums(logits_fn, states, probes[name].batches[index]))
-    return {name: reduce_probe(probes[name], sums[name]) for name in probes}
+        batch = probes[name].batches[index]
+        kl = get_objective(name).score == "kl"
+        kept.append(scored_states(states, batch) if kl and references is None else None)
+        if kl and references is None:
+            sums[name].append(torch.zeros(batch.tokens.shape[0], dtype=torch.float64))
+        else:
+            sums[name].append(scored_loss_sums(logits_fn, states, batch, references[i] if kl else None))
+    return {name: reduce_probe(probes[name], sums[name]) for name in probes}, kept
 
 
 @torch.no_grad()
@@ -202,14 +220,15 @@ def _replace_weights(block: nn.Module, weights: dict[str, torch.Tensor]) -> dict
 
 @torch.no_grad()
 def quantized_block_losses(model: nn.Module, layer: int, probe_bits: int, hidden: Sequence[BlockInputs],
-                           batches: Sequence[tuple[str, int]], probes: dict[str, ProbeSet]) -> dict[str, float]:
+                           batches: Sequence[tuple[str, int]], probes: dict[str, ProbeSet],
+                           references: Sequence[torch.Tensor | None]) -> dict[str, RowLosses]:
     """Objective losses with only block `layer` RTN-fake-quantized at the probe width (weights restored after)."""
     block = decoder_blocks(model)[layer]
     fake = {name: fake_quantize_rtn(linear.weight.data, probe_spec(linear.in_features, probe_bits))
             for name, linear in block_linears(block).items()}
     original = _replace_weights(block, fake)
     try:
-        return tail_losses(model, layer, hidden, batches, probes)
+        return tail_losses(model, layer, hidden, batches, probes, references)[0]
     finally:
         _replace_weights(block, original)
 
@@ -240,19 +259,31 @@ def unit_energies(block: nn.Module, unit: UnitLayout, keys: Iterable[str],
     return summed
 
 
-def layer_unit_errors(block: nn.Module, units: Sequence[UnitLayout], probe_bits: int, deltas: dict[str, float],
+def layer_unit_shares(block: nn.Module, units: Sequence[UnitLayout], probe_bits: int,
                       grams: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
-    """JSON-shaped UnitSensitivity rows for one block (see the module docstring for the proxy)."""
+    """JSON-shaped unit rows of one block with `shares`: E_k(u, c) / sum_u' E_k(u', probe spec), the part of
+    the block's measured delta each (unit, candidate) is charged (see the module docstring)."""
     probe_keys = [probe_spec(unit.in_features, probe_bits).key for unit in units]
     energies = [unit_energies(block, unit, (*unit.candidates, key), grams) for unit, key in zip(units, probe_keys)]
     probe_total = {obj: sum(e[key][obj] for e, key in zip(energies, probe_keys)) for obj in grams}
     rows = []
     for unit, energy in zip(units, energies):
-        errors = {key: {obj: max(deltas[obj], 0.0) * energy[key][obj] / probe_total[obj]
-                        if probe_total[obj] > 0 else 0.0 for obj in grams} for key in unit.candidates}
+        shares = {key: {obj: energy[key][obj] / probe_total[obj] if probe_total[obj] > 0 else 0.0 for obj in grams}
+                  for key in unit.candidates}
         rows.append({"name": unit.name, "layer": unit.layer, "modules": [f"{unit.prefix}.{m}" for m in unit.modules],
-                     "n_weights": unit.n_weights, "in_features": unit.in_features, "errors": errors})
+                     "n_weights": unit.n_weights, "in_features": unit.in_features, "shares": shares})
     return rows
+
+
+def layer_record(layer: int, baseline: dict[str, dict], losses: dict[str, RowLosses], units: list[dict]) -> dict:
+    """One block's JSON state: per objective its delta, standard error and per-row paired deltas."""
+    record = {"layer": layer, "deltas": {}, "se": {}, "row_deltas": {}, "units": units}
+    for obj, rows in losses.items():
+        base = baseline[obj]["num"]
+        delta, se = paired_ratio_delta(base, rows.num.tolist(), baseline[obj]["den"])
+        record["deltas"][obj], record["se"][obj] = delta, se
+        record["row_deltas"][obj] = [n - b for n, b in zip(rows.num.tolist(), base)]
+    return record
 
 
 # ----------------------------------------------------------------------------------------- state + driver
@@ -270,21 +301,29 @@ def _load_state(path: Path, digest: str) -> tuple[dict | None, str]:
 
 
 def _probe_summary(probes: dict[str, ProbeSet]) -> dict:
-    return {name: {"sources": list(OBJECTIVES[name].sources), "rows": probe.n_rows,
+    return {name: {"sources": list(get_objective(name).sources), "rows": probe.n_rows,
                    "sequences": probe.n_sequences, "tokens": probe.n_tokens, "sha256": probe.digest()}
             for name, probe in probes.items()}
 
 
 def profile_from_state(state: dict) -> SensitivityProfile:
-    """The SensitivityProfile of a complete JSON-shaped state (same bytes whether or not the run resumed)."""
+    """The SensitivityProfile of a complete JSON-shaped state (same bytes whether or not the run resumed).
+    Unit errors = the block's shrunk delta (`stats.shrink` over the objective's blocks) x the unit's share."""
     objectives = tuple(state["settings"]["objectives"])
     layers = state["layers"]
+    deltas = {obj: tuple(layer["deltas"][obj] for layer in layers) for obj in objectives}
+    ses = {obj: tuple(layer["se"][obj] for layer in layers) for obj in objectives}
+    shrunk = {obj: shrink(deltas[obj], ses[obj]) for obj in objectives}
     units = tuple(UnitSensitivity(u["name"], int(u["layer"]), tuple(u["modules"]), int(u["n_weights"]),
-                                  int(u["in_features"]), u["errors"]) for layer in layers for u in layer["units"])
-    return SensitivityProfile(state["model_fingerprint"], objectives, dict(state["baselines"]),
-                              {obj: tuple(layer["deltas"][obj] for layer in layers) for obj in objectives}, units,
+                                  int(u["in_features"]),
+                                  {key: {obj: shrunk[obj][index] * share[obj] for obj in objectives}
+                                   for key, share in u["shares"].items()})
+                  for index, layer in enumerate(layers) for u in layer["units"])
+    rows = {obj: tuple(tuple(layer["row_deltas"][obj]) for layer in layers) for obj in objectives}
+    weights = {obj: tuple(state["baseline_rows"][obj]["den"]) for obj in objectives}
+    return SensitivityProfile(state["model_fingerprint"], objectives, dict(state["baselines"]), deltas, units,
                               {**state["settings"], "settings_hash": state["settings_hash"],
-                               "probe_data": state["probe_data"]})
+                               "probe_data": state["probe_data"]}, ses, rows, weights)
 
 
 def _console_progress(enabled: bool):
@@ -301,8 +340,11 @@ def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path
     settings, blocks = state["settings"], decoder_blocks(model)
     batches = [(name, i) for name in settings["objectives"] for i in range(len(probes[name].batches))]
     hidden = capture_block_inputs(model, [probes[name].batches[i].tokens for name, i in batches])
+    baseline, references = tail_losses(model, 0, hidden, batches, probes)  # also the KL objectives' references
     if state["baselines"] is None:
-        state["baselines"] = tail_losses(model, 0, hidden, batches, probes)
+        state["baselines"] = {name: rows.loss for name, rows in baseline.items()}
+        state["baseline_rows"] = {name: {"num": rows.num.tolist(), "den": rows.den.tolist()}
+                                  for name, rows in baseline.items()}
         write_json_atomic(path, state)
     start = len(state["layers"])
     with _console_progress(progress) as bar:
@@ -312,12 +354,10 @@ def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path
         for layer in range(start):
             hidden, _ = advance_block(blocks[layer], hidden, batches, probes)
         for layer in range(start, len(blocks)):
-            losses = quantized_block_losses(model, layer, settings["probe_bits"], hidden, batches, probes)
-            deltas = {obj: losses[obj] - state["baselines"][obj] for obj in settings["objectives"]}
+            losses = quantized_block_losses(model, layer, settings["probe_bits"], hidden, batches, probes, references)
             hidden, grams = advance_block(blocks[layer], hidden, batches, probes)
-            units = layer_unit_errors(blocks[layer], block_units(model, layer, settings), settings["probe_bits"],
-                                      deltas, grams)
-            state["layers"].append({"layer": layer, "deltas": deltas, "units": units})
+            units = layer_unit_shares(blocks[layer], block_units(model, layer, settings), settings["probe_bits"], grams)
+            state["layers"].append(layer_record(layer, state["baseline_rows"], losses, units))
             write_json_atomic(path, state)
             bar.advance(task)
             if on_layer is not None:
@@ -352,7 +392,8 @@ def measure_profile(model: nn.Module, tokenizer, *, objectives: Sequence[str] = 
     path = Path(partial_path) if partial_path is not None else default_partial_path(digest)
     state, notice = _load_state(path, digest)
     state = state or {"schema": PARTIAL_SCHEMA, "model_fingerprint": fingerprint, "settings_hash": digest,
-                      "settings": settings, "probe_data": _probe_summary(probes), "baselines": None, "layers": []}
+                      "settings": settings, "probe_data": _probe_summary(probes), "baselines": None,
+                      "baseline_rows": None, "layers": []}
     if len(state["layers"]) < len(decoder_blocks(model)):
         _run_layers(model, state, probes, path, progress, on_layer, notice)
     return profile_from_state(state)

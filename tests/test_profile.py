@@ -17,6 +17,7 @@ import torch
 from tasa_deploy import UsageError
 from tasa_deploy.capture import linear_input_hooks
 from tasa_deploy.model import FUSED_GROUPS, decoder_blocks, quantizable_modules
+from tasa_deploy.stats import shrink
 from tasa_deploy.objectives import (build_probe_set, evaluate_objective, get_objective, sample_rows,
                                     prompt_continuation_ids)
 from tasa_deploy.profile import measure_profile, profile_settings
@@ -57,6 +58,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
+    return make_tiny()
+
+
+def make_tiny():
+    """(tiny random Llama, its word-level tokenizer, probe sets for ppl / math / arc)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -166,13 +172,15 @@ def test_vllm_units_tie_fused_groups_and_cover_every_module(tiny, profile):
 
 
 def test_unit_errors_split_the_layer_delta_by_gram_weighted_rtn_error(tiny, profile):
-    """Probe-width errors sum to the layer delta; ratios equal tr(dW H dW^T) from a plain forward's inputs."""
+    """Probe-width errors sum to the block's shrunk delta (stats.shrink over the objective's blocks, with their
+    standard errors); ratios equal tr(dW H dW^T) from a plain forward's inputs."""
     model, _, probes = tiny
     layer = 1
     units = [u for u in profile.units if u.layer == layer]
     for obj in profile.objectives:
         probe_total = sum(u.errors[f"int3g{default_group_size(u.in_features)}"][obj] for u in units)
-        assert probe_total == pytest.approx(max(profile.layer_deltas[obj][layer], 0.0), rel=1e-6, abs=1e-12)
+        shrunk = shrink(profile.layer_deltas[obj], profile.layer_se[obj])[layer]
+        assert probe_total == pytest.approx(shrunk, rel=1e-6, abs=1e-12)
     down = next(u for u in units if u.name.endswith(".down"))
     linear = quantizable_modules(model)[down.modules[0]]
     gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
@@ -194,7 +202,7 @@ def test_unit_errors_split_the_layer_delta_by_gram_weighted_rtn_error(tiny, prof
         return float(torch.trace(delta @ gram @ delta.T))
 
     errors = down.errors
-    if profile.layer_deltas["math"][layer] > 0:
+    if shrink(profile.layer_deltas["math"], profile.layer_se["math"])[layer] > 0:
         ratio = errors["int4g128"]["math"] / errors["int3g128"]["math"]
         assert ratio == pytest.approx(energy(4) / energy(3), rel=1e-4)
         assert errors["int8g128"]["math"] < errors["int4g128"]["math"] < errors["int3g128"]["math"]

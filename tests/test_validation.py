@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,9 @@ def test_committed_files_load_unchanged(tmp_path, originals):
     assert len(profile.units) == 120 and len(BitPlan.load(RESULTS / "tasa_plan.json").modules) == 210
     with_se = {**originals["profile.json"], "layer_se": {k: [0.01] * 30 for k in ("ppl", "math", "arc")}}
     (tmp_path / "se.json").write_text(json.dumps(with_se))
-    assert SensitivityProfile.load(tmp_path / "se.json") == profile  # a well-shaped layer_se is accepted
+    with_se_profile = SensitivityProfile.load(tmp_path / "se.json")  # a well-shaped layer_se is accepted
+    assert with_se_profile.layer_se == {k: (0.01,) * 30 for k in ("ppl", "math", "arc")}
+    assert replace(with_se_profile, layer_se=None) == profile
 
 
 # ----------------------------------------------------------------------------------------- the plan
@@ -180,6 +183,17 @@ PROFILE_CASES = [
      r"layer_se\.ppl has 29 layers, but layer_deltas has 30"),
     ("layer_se negative", setitem("layer_se", {k: [-0.1] * 30 for k in ("ppl", "math", "arc")}),
      r"layer_se\.ppl\[0\] must be >= 0\.0"),
+    ("row_deltas alone", setitem("row_deltas", {k: [[0.1, 0.2]] * 30 for k in ("ppl", "math", "arc")}),
+     r"has row_deltas without row_weights"),
+    ("row_deltas short", lambda o: o.update(row_weights={k: [1.0, 2.0] for k in ("ppl", "math", "arc")},
+                                            row_deltas={k: [[0.1, 0.2]] * 29 for k in ("ppl", "math", "arc")}),
+     r"row_deltas\.ppl has 29 layers, but layer_deltas has 30"),
+    ("row_deltas ragged", lambda o: o.update(row_weights={k: [1.0, 2.0] for k in ("ppl", "math", "arc")},
+                                             row_deltas={k: [[0.1, 0.2]] * 29 + [[0.1]] for k in ("ppl", "math", "arc")}),
+     r"row_deltas\.ppl\[29\] has 1 rows, but row_weights\.ppl has 2"),
+    ("row weight negative", lambda o: o.update(row_weights={k: [1.0, -2.0] for k in ("ppl", "math", "arc")},
+                                               row_deltas={k: [[0.1, 0.2]] * 30 for k in ("ppl", "math", "arc")}),
+     r"row_weights\.ppl\[1\] must be >= 0\.0"),
 ]
 
 
