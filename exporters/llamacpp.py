@@ -113,6 +113,25 @@ def llama_perplexity(model: Path, text_file: Path, *, ctx: int = 512, chunks: in
     return float(match.group(1))
 
 
+def llama_kl_divergence(model: Path, base: Path, text_file: Path, *, ctx: int = 512, chunks: int = 4,
+                        threads: int = 2, work_dir: Path | None = None) -> dict:
+    """llama-perplexity's own KL divergence of `model` from `base` on `text_file` (its protocol: windows of
+    `ctx`, second half scored): {"kld", "kld_se", "top1", "top1_se"} (top-1 agreement as a fraction). The
+    base logits go through a temporary `--kl-divergence-base` file, removed afterwards."""
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        logits = Path(tmp) / "base.kld"
+        common = ["-f", str(text_file), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads), "-b", str(ctx)]
+        run_tool("llama-perplexity", ["-m", str(base), *common, "--kl-divergence-base", str(logits)])
+        output = run_tool("llama-perplexity", ["-m", str(model), *common, "--kl-divergence-base", str(logits),
+                                                "--kl-divergence"])
+    kld = re.search(r"Mean\s+KLD:\s+(-?[0-9.]+)\s+±\s+([0-9.]+)", output)
+    top = re.search(r"Same top p:\s+([0-9.]+)\s+±\s+([0-9.]+)\s*%", output)
+    if kld is None or top is None:
+        raise TasaError(f"llama-perplexity printed no KL divergence statistics for {model}")
+    return {"kld": float(kld.group(1)), "kld_se": float(kld.group(2)),
+            "top1": float(top.group(1)) / 100, "top1_se": float(top.group(2)) / 100}
+
+
 def llama_tokenize(model: Path, text: str) -> list[int]:
     """Token ids llama.cpp's tokenizer gives `text` (BOS only if the vocab says to add it)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:

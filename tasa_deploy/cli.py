@@ -87,11 +87,14 @@ def _ints(value: str) -> tuple[int, ...]:
 
 
 def _table(title: str, rows: list[dict]) -> Table:
+    """A rich table whose columns are the union of the rows' keys (first-seen order); a missing cell is blank."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     table = Table(title=title)
-    for key in rows[0] if rows else []:
+    for key in columns:
         table.add_column(str(key))
     for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*("" if key not in row else f"{row[key]:.4g}" if isinstance(row[key], float) else str(row[key])
+                        for key in columns))
     return table
 
 
@@ -280,6 +283,7 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(help="Items per task (windows for wikitext2).")] = None,
     backend: Annotated[str, typer.Option(help="torch (dequantized weights) | triton (packed kernels, CUDA).")] = "torch",
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw/ and gsm8k/ (default: ../shared/data).")] = None,
+    kld_base: Annotated[Optional[str], typer.Option("--kld-base", help="Reference model (e.g. the unquantized base): also report mean KL divergence and top-1 agreement against it on WikiText-2 and each task's answers.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write results as JSON.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a results file written by tasa-deploy.")] = False,
 ) -> None:
@@ -310,8 +314,13 @@ def evaluate(
     results = {}
     for task in _csv(tasks):
         results[task] = EVALS[task](loaded.model, loaded.tokenizer, limit)
+    if kld_base is not None:
+        from tasa_deploy.eval import evaluate_kld
+
+        results.update(evaluate_kld(loaded, load_any(kld_base), _csv(tasks), limit))
     rows = [{"task": k, **{m: v for m, v in r.items() if isinstance(v, (int, float))}} for k, r in results.items()]
-    out_console.print(_table(f"eval: {model}", rows))
+    for columns in dict.fromkeys(tuple(row) for row in rows):  # one table per kind of result (ppl, accuracy, KL)
+        out_console.print(_table(f"eval: {model}", [row for row in rows if tuple(row) == columns]))
     if out:
         write_json_atomic(out, {"schema": "tasa-eval/1", "model": model, "results": results}, force=force,
                           inputs=(Path(model),))

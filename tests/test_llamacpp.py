@@ -104,6 +104,22 @@ def test_llamacpp_perplexity_matches_pytorch(smollm2, smol_artifact, smol_gguf, 
     assert ppl_torch < 40  # a working 135M model on WikiText-2 (a broken q/k permutation gives thousands)
 
 
+def test_llamacpp_kl_divergence_matches_pytorch(smollm2, smol_artifact, smol_gguf, wikitext_prefix):
+    """llama-perplexity --kl-divergence of our mixed GGUF from the base GGUF agrees with our PyTorch KL on the
+    same dequantized weights and windows (eval.kld, protocol llamacpp) within llama.cpp's own error bar."""
+    from tasa_deploy.eval.kld import kl_on_text
+    from tasa_deploy.exporters.llamacpp import llama_kl_divergence
+    from tasa_deploy.model import _embedded_gguf
+
+    ours = llama_kl_divergence(smol_gguf, _embedded_gguf("smollm2-135m"), wikitext_prefix, ctx=CTX, chunks=CHUNKS)
+    torch_kl = kl_on_text(dequantized_model(smollm2, smol_artifact), smollm2.model, smollm2.tokenizer,
+                          wikitext_prefix.read_text(encoding="utf-8"), CTX, CHUNKS, protocol="llamacpp")
+    assert torch_kl.tokens == CHUNKS * (CTX - 1 - CTX // 2)
+    assert 0.005 < torch_kl.kld < 1.0  # quantized, not broken
+    assert abs(ours["kld"] - torch_kl.kld) < 0.05 * torch_kl.kld + 2 * ours["kld_se"], (ours, torch_kl)
+    assert abs(ours["top1"] - torch_kl.top1) < 0.03 + 2 * ours["top1_se"], (ours, torch_kl)
+
+
 def test_llamacpp_generates_coherent_text(smol_gguf):
     text = llama_generate(smol_gguf, "The capital of France is", n_predict=12)
     assert "Paris" in text, text

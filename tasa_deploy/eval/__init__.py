@@ -70,11 +70,30 @@ EVALS: dict[str, EvalFn] = {"wikitext2": eval_wikitext2, "gsm8k": eval_gsm8k, "g
                             "humaneval": _answer_eval("humaneval"), "mbpp": eval_mbpp}
 
 
+def evaluate_kld(loaded, reference, tasks: list[str], limit: int | None) -> dict:
+    """{"kld:wikitext2": ..., "kld:<task>": ...}: KL and top-1 agreement of `loaded` against `reference`
+    (`eval.kld`) on WikiText-2 (first `limit` windows, default 40) and the eval rows of each task."""
+    from tasa_deploy.data import load_rows, wikitext2_test_text
+    from tasa_deploy.eval.kld import kl_on_rows, kl_on_text
+
+    if len(loaded.tokenizer) != len(reference.tokenizer):
+        raise UsageError(f"--kld-base has a vocabulary of {len(reference.tokenizer)} tokens, the model "
+                         f"{len(loaded.tokenizer)}: KL needs the same tokenizer")
+    model, ref, tokenizer = loaded.model, reference.model, loaded.tokenizer
+    results = {"kld:wikitext2": kl_on_text(model, ref, tokenizer, wikitext2_test_text(), max_windows=limit or 40).to_json()}
+    for task in tasks:
+        if task == "wikitext2":
+            continue
+        source, role = {"gsm8k_ll": ("gsm8k", "eval"), "mbpp": ("mbpp", "probe")}.get(task, (task, "eval"))
+        results[f"kld:{task}"] = kl_on_rows(model, ref, tokenizer, load_rows(source, role, limit)).to_json()
+    return results
+
+
 def register_task_eval(name: str, kind: str) -> None:
     """The evaluation of a user task (`--task-data`): by row kind, see `tasa_deploy.tasks`."""
     if name in EVALS:
         raise UsageError(f"evaluation '{name}' already exists")
     EVALS[name] = _answer_eval(name) if kind == "answer" else _mc_eval(name)
 
-__all__ = ["EVALS", "GSM8KResult", "MCResult", "PerplexityResult", "choice_nll", "evaluate_gsm8k",
+__all__ = ["EVALS", "evaluate_kld", "GSM8KResult", "MCResult", "PerplexityResult", "choice_nll", "evaluate_gsm8k",
            "evaluate_multiple_choice", "evaluate_perplexity", "gsm8k_answer_nll", "token_nll"]
