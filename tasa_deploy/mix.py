@@ -21,6 +21,8 @@ D_t (default: GSM8K train + ARC validation). Each candidate on the grid is score
     q/k/v and gate/up read the same input, so one Gram per vLLM fused group input (qkv, o, gate_up, down)
     is collected, during the same forward passes as (a). Lower is better. Each term is scale-free (it is
     K when the distributions match), so terms of different layers add up without normalization.
+    When the calibration tokens are fewer than K (large hidden sizes, few rows) the Gram matrices are
+    rank-deficient and the trace is taken inside the span of the data (see `hessian_trace_over_grid`).
 
 Choice of alpha*: the two scores live on incomparable scales (a cosine vs. a trace in [K, inf)), so each is
 standardized over the grid and combined = z(alignment) - z(log f); alpha* = argmax combined (ties: the first
@@ -193,10 +195,25 @@ def hessian_trace_proxy(h_test: torch.Tensor, h_gen: torch.Tensor, h_task: torch
     return trace_of_inverse_product(h_test.double(), h_alpha, alpha)
 
 
+def data_span(h_gen: torch.Tensor, h_task: torch.Tensor, rel_tol: float = 1e-8) -> torch.Tensor:
+    """Orthonormal basis [K, r] of range(H_gen + H_task): the input directions either calibration source
+    reaches (r <= tokens of both sources together)."""
+    values, vectors = torch.linalg.eigh(h_gen.double() + h_task.double())  # ascending
+    return vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)]
+
+
 def hessian_trace_over_grid(test: dict[str, torch.Tensor], gen: dict[str, torch.Tensor],
-                            task: dict[str, torch.Tensor], alphas: Sequence[float], damp: float) -> list[float]:
+                            task: dict[str, torch.Tensor], alphas: Sequence[float], damp: float,
+                            data_tokens: int | None = None) -> list[float]:
     """f(alpha) = sum over linear inputs of tr(H_test H_alpha^-1), for each alpha (one unit at a time, so
-    only one set of float64 copies is alive)."""
+    only one set of float64 copies is alive).
+
+    Rank-deficient inputs (data_tokens, the calibration tokens of both sources, below K): H_gen and H_task
+    then vanish on every direction outside the data span S, so there H_alpha is only its damping and the
+    full-space trace adds tr(P_perp H_test) / damping(alpha), a term set by the damping constant, not by the
+    data, that would swamp the rest. The proxy is therefore taken inside S: every matrix is projected onto an
+    orthonormal basis U of S (`data_span`) and f_S(alpha) = tr(U'H_test U (U'H_alpha U)^-1), damping
+    relative to the projected diagonals. With full-rank data S is the whole space and f_S = f exactly."""
     if damp <= 0:
         raise UsageError(f"damp must be > 0 (got {damp}); H_gen or H_task alone may be singular")
     missing = sorted(set(test) ^ set(gen) | set(test) ^ set(task))
@@ -204,7 +221,11 @@ def hessian_trace_over_grid(test: dict[str, torch.Tensor], gen: dict[str, torch.
         raise TasaError(f"Gram matrices do not cover the same linear inputs: {missing[:3]}")
     totals = [0.0] * len(alphas)
     for name in test:
-        h_test, h_gen, h_task = test[name].double(), damped(gen[name], damp), damped(task[name], damp)
+        h_test, h_gen, h_task = test[name].double(), gen[name].double(), task[name].double()
+        if data_tokens is not None and data_tokens < h_test.shape[0]:
+            basis = data_span(h_gen, h_task)  # [K, r]
+            h_test, h_gen, h_task = (basis.T @ h @ basis for h in (h_test, h_gen, h_task))  # [r, r]
+        h_gen, h_task = damped(h_gen, damp), damped(h_task, damp)
         for i, a in enumerate(alphas):
             totals[i] += trace_of_inverse_product(h_test, a * h_gen + (1.0 - a) * h_task, a)
     return totals
@@ -294,7 +315,7 @@ def search_mixture(model, tokenizer, *, general: str = "lambada", tasks: tuple[s
     alignments = alignment_over_grid(stats["general"].block_grads, stats["task"].block_grads,
                                      stats["probe"].block_grads, alphas)
     traces = hessian_trace_over_grid(stats["probe"].grams, stats["general"].grams, stats["task"].grams,
-                                     alphas, damp)
+                                     alphas, damp, data_tokens=stats["general"].tokens + stats["task"].tokens)
     seconds["scores"] = round(time.perf_counter() - start, 2)
     scores = score_grid(alphas, alignments, traces)
     chosen = choose_alpha(scores)

@@ -90,6 +90,46 @@ def test_hessian_trace_is_convex_in_alpha(two_sources):
     assert f[0] < f[-1]
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return 2.0 / x.shape[0] * x.T @ x  # [K, K]
+
+
+def test_rank_deficient_trace_lives_in_the_data_span():
+    """n tokens < K: the proxy ignores test energy outside the span of the calibration data (which no
+    mixture of these sources can reach; the full-space trace divides it by the damping), equals the
+    full-space formula on a full-rank input, and stays convex in alpha."""
+    gen_rng = torch.Generator().manual_seed(0)
+    k, n = 48, 10
+    gen = torch.randn(n, k, generator=gen_rng, dtype=torch.float64)
+    task = torch.randn(n, k, generator=gen_rng, dtype=torch.float64) + 2.0 * torch.eye(k, dtype=torch.float64)[0]
+    probe = torch.randn(n, k, generator=gen_rng, dtype=torch.float64) + 2.0 * torch.eye(k, dtype=torch.float64)[0]
+    grams = {"h": (_gram(gen), _gram(task), _gram(probe))}
+    alphas = [i / 10 for i in range(11)]
+
+    def grid(test_extra=None, data_tokens=2 * n):
+        h_gen, h_task, h_test = grams["h"]
+        if test_extra is not None:
+            h_test = h_test + test_extra
+        return mix.hessian_trace_over_grid({"h": h_test}, {"h": h_gen}, {"h": h_task}, alphas, 0.01, data_tokens)
+
+    basis = mix.data_span(grams["h"][0], grams["h"][1])
+    assert basis.shape == (k, 2 * n)  # the span of 20 random rows
+    outside = torch.randn(k, 4, generator=gen_rng, dtype=torch.float64)
+    outside = outside - basis @ (basis.T @ outside)  # directions no calibration row reaches
+    extra = outside @ outside.T
+    assert grid(extra) == pytest.approx(grid(), rel=1e-9)  # restricted: unchanged
+    full_space = grid(data_tokens=None)
+    assert grid(extra, data_tokens=None)[5] > 2 * full_space[5]  # full space: the unreachable energy / damping dominates
+    second = [f0 - 2 * f1 + f2 for f0, f1, f2 in zip(grid(), grid()[1:], grid()[2:])]
+    assert min(second) > 0  # still strictly convex in alpha
+    # full-rank data: the restriction is the identity (same numbers as the full-space formula)
+    many = torch.randn(4 * k, k, generator=gen_rng, dtype=torch.float64)
+    h = _gram(many)
+    restricted = mix.hessian_trace_over_grid({"h": h}, {"h": _gram(gen) + h}, {"h": h}, alphas, 0.01, data_tokens=1)
+    unrestricted = mix.hessian_trace_over_grid({"h": h}, {"h": _gram(gen) + h}, {"h": h}, alphas, 0.01)
+    assert restricted == pytest.approx(unrestricted, rel=1e-9)
+
+
 def test_mixture_gradient_equals_gradient_of_weighted_loss(tiny, two_sources):
     alpha = 0.3
     params = mix.block_weight_params(tiny)
