@@ -117,6 +117,32 @@ def _sign(value: float) -> int:
     return (value > 0) - (value < 0)
 
 
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            out[i] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's r of the tie-averaged ranks); nan when either is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"rho needs sequences of one length, got {len(x)} and {len(y)}")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
 def layer_deltas_from_rows(row_deltas: Sequence[Sequence[float]], weights: Sequence[float],
                            rows: Sequence[int] | None = None) -> list[float]:
     """Per-layer deltas sum_r d[l][r] / sum_r w[r] over `rows` (default all; repeats count, as in a bootstrap)."""
@@ -147,4 +173,4 @@ def bootstrap_tau(rows_a: Sequence[Sequence[float]], weights_a: Sequence[float],
 
 
 __all__ = ["SHRINKAGE_RULE", "between_block_variance", "bootstrap_tau", "kendall_tau_b", "layer_deltas_from_rows", "paired_ratio_delta",
-           "ratio_mean_se", "shrink", "signal_to_noise"]
+           "ranks", "ratio_mean_se", "shrink", "signal_to_noise", "spearman_rho"]

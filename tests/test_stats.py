@@ -13,7 +13,7 @@ import random
 import pytest
 
 from tasa_deploy.stats import (bootstrap_tau, kendall_tau_b, layer_deltas_from_rows, paired_ratio_delta, shrink,
-                               signal_to_noise)
+                               signal_to_noise, spearman_rho)
 
 
 def _population_draw(rng: random.Random, n_rows: int) -> tuple[list[float], list[float], list[float]]:
@@ -148,3 +148,13 @@ def test_layer_deltas_from_rows_weights_and_resamples():
     rows, weights = [[1.0, 3.0], [2.0, 0.0]], [1.0, 3.0]
     assert layer_deltas_from_rows(rows, weights) == [1.0, 0.5]
     assert layer_deltas_from_rows(rows, weights, [1, 1]) == [1.0, 0.0]
+
+
+def test_spearman_rho_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(5)
+    for _ in range(50):
+        x = [rng.choice([0.0, 1.0, 2.0, rng.random()]) for _ in range(12)]
+        y = [v + rng.gauss(0, 0.5) if rng.random() < 0.8 else 1.0 for v in x]
+        assert spearman_rho(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert math.isnan(spearman_rho([1.0, 1.0], [1.0, 2.0]))
