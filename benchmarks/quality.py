@@ -77,12 +77,22 @@ class QuantSettings:
     mix_samples: int = 8
     seed: int = 0
     tasks: tuple[str, ...] = ("gsm8k", "arc")  # what TASA protects (quality_qwen.py: code, gsm8k)
+    objective_loss: str = "kl"  # how TASA's profile scores objectives (QuantizeRequest.objective_loss)
 
     def key(self) -> str:
+        """The cache folder's key. objective_loss is not in it (fp, uniform and llama.cpp rows do not depend
+        on it); TASA rows carry it in their own names instead (`tasa_name`)."""
         fields = asdict(self)
+        del fields["objective_loss"]
         if self.tasks == ("gsm8k", "arc"):  # the key of caches made before tasks were a setting
             del fields["tasks"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    def tasa_name(self, name: str) -> str:
+        """Cache name of a row or work dir: TASA ones (`tasa*`, `work-*`) gain "-kl" for the KL objectives
+        (caches made with NLL objectives keep their names)."""
+        needs = name.startswith(("tasa", "work-")) and self.objective_loss != "nll"
+        return f"{name}-{self.objective_loss}" if needs else name
 
 
 FULL_EVAL = EvalSettings()
@@ -176,7 +186,7 @@ ALPHA_ABLATIONS = {"tasa-3.5-taskonly": 0.0, "tasa-3.5-generalonly": 1.0}  # alp
 def quantize_request(name: str, model: str, quant: QuantSettings, root: Path, **fields):
     from tasa_deploy.pipeline import QuantizeRequest
 
-    return QuantizeRequest(model=model, out=root / "artifacts" / name, candidates=TASA_CANDIDATES,
+    return QuantizeRequest(model=model, out=root / "artifacts" / quant.tasa_name(name), candidates=TASA_CANDIDATES,
                            **{**asdict(quant), "tasks": tuple(quant.tasks)}, **fields)
 
 
@@ -194,7 +204,7 @@ def run_request(request) -> dict:
 
 def shared_work_dir(model: str, quant: QuantSettings, root: Path) -> Path:
     """The TASA work dir holding THE mix.json + profile.json every TASA row reuses (made by tasa-3.5)."""
-    work = root / "work-tasa"
+    work = root / quant.tasa_name("work-tasa")
     if not (work / "profile.json").is_file():
         run_request(quantize_request("tasa-3.5", model, quant, root, bits=3.5, work_dir=work))
     return work
@@ -230,11 +240,13 @@ def our_row_request(name: str, model: str, quant: QuantSettings, root: Path):
         from tasa_deploy.artifacts import SensitivityProfile
         from tasa_deploy.plan import build_plan
 
-        plan_file = root / "plans" / "tasa-3.5-pplonly.json"
+        plan_file = root / "plans" / f"{quant.tasa_name('tasa-3.5-pplonly')}.json"
         plan_file.parent.mkdir(parents=True, exist_ok=True)
-        build_plan(SensitivityProfile.load(work / "profile.json"), 3.5, objectives=("ppl",)).save(plan_file)
+        profile = SensitivityProfile.load(work / "profile.json")
+        general = tuple(o for o in profile.objectives if o.removeprefix("kl:") == "ppl")
+        build_plan(profile, 3.5, objectives=general).save(plan_file)
         return quantize_request(name, model, quant, root, bits=3.5, work_dir=work, plan_path=plan_file)
-    alpha_work = root / f"work-alpha{ALPHA_ABLATIONS[name]:g}"
+    alpha_work = root / quant.tasa_name(f"work-alpha{ALPHA_ABLATIONS[name]:g}")
     alpha_work.mkdir(parents=True, exist_ok=True)
     for stage_file in ("profile.json", "profile.partial.json"):  # same profile, other calibration mix; the
         if (work / stage_file).is_file():  # partial state lets measure_profile resume instead of re-measuring
@@ -261,7 +273,7 @@ def calibration_mixture_tokens(model: str, quant: QuantSettings, root: Path):
     from tasa_deploy import pipeline
     from tasa_deploy.model import load_model, model_fingerprint
 
-    request = quantize_request("tasa-3.5", model, quant, root, bits=3.5, work_dir=root / "work-tasa")
+    request = quantize_request("tasa-3.5", model, quant, root, bits=3.5, work_dir=root / quant.tasa_name("work-tasa"))
     loaded = load_model(model)
     request.resolved_work_dir.mkdir(parents=True, exist_ok=True)
     mix = pipeline.stage_mix(loaded, model_fingerprint(loaded.model), request, request.resolved_work_dir,
@@ -306,7 +318,7 @@ def build_tasa_gguf_row(name: str, model: str, quant: QuantSettings, root: Path)
     start = time.perf_counter()
     q3_k_m, _ = build_gguf_row("llamacpp-q3_k_m", model, quant, root)
     budget = round(linear_bits_per_weight(q3_k_m), 4)  # 4.6344 on SmolLM2 (its 576-wide rows take block-32 types)
-    work = root / "work-tasa-gguf"
+    work = root / quant.tasa_name("work-tasa-gguf")
     work.mkdir(parents=True, exist_ok=True)
     mix_file = shared_work_dir(model, quant, root) / "mix.json"  # same mixture as every TASA row
     if not (work / "mix.json").is_file():
@@ -336,7 +348,7 @@ def run_row(name: str, model: str, quant: QuantSettings, settings: EvalSettings,
     """Build + evaluate one row, resuming from its cached result."""
     from tasa_deploy.model import load_any
 
-    cache = root / "results" / f"{name}-{settings.key()}.json"
+    cache = root / "results" / f"{quant.tasa_name(name)}-{settings.key()}.json"
     if cache.is_file():
         print(f"[{name}] cached: {cache}", file=sys.stderr)
         return read_json(cache, "cached benchmark row")

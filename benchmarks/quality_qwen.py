@@ -79,7 +79,7 @@ def run_row(name: str, model: str, quant, settings: CodeEvalSettings, root: Path
     from tasa_deploy.exporters.llamacpp import llama_perplexity
     from tasa_deploy.model import load_any, load_model
 
-    cache = root / "results" / f"{name}-{settings.key()}.json"
+    cache = root / "results" / f"{quant.tasa_name(name)}-{settings.key()}.json"
     if cache.is_file():
         return read_json(cache, "cached benchmark row")
     start = time.perf_counter()

@@ -70,9 +70,9 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
 TaskDataOption = Annotated[Optional[list[str]], typer.Option(
     "--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); "
                         "repeatable; then name it in --tasks.")]
-TaskLossOption = Annotated[str, typer.Option(
-    "--task-loss", help="How the profile scores each task: nll (its answers' NLL) or kl (KL divergence from the "
-                        "unquantized model on its answer tokens).")]
+ObjectiveLossOption = Annotated[str, typer.Option(
+    "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
+                             "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -108,7 +108,7 @@ def quantize(
     target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
     tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
     task_data: TaskDataOption = None,
-    task_loss: TaskLossOption = "nll",
+    objective_loss: ObjectiveLossOption = "kl",
     candidates: Annotated[str, typer.Option(help="Candidate widths for the allocator.")] = "3,4,8",
     beta: Annotated[float, typer.Option(help="MOA weight of the reasoning objectives (1-beta on perplexity).")] = 0.5,
     group_size: Annotated[Optional[int], typer.Option(help="Int group size (default: largest of 128/64/32 dividing K).")] = None,
@@ -121,6 +121,8 @@ def quantize(
     act_order: Annotated[bool, typer.Option("--act-order")] = False,
     true_sequential: Annotated[bool, typer.Option("--true-sequential", help="One calibration pass per fused group.")] = False,
     probe_samples: Annotated[int, typer.Option(help="Rows per objective for the sensitivity profile.")] = 16,
+    probe_snr: Annotated[Optional[float], typer.Option(help="Double the probe rows until every objective's signal-to-noise (median |block delta| / SE) reaches this.")] = None,
+    max_probe_samples: Annotated[int, typer.Option(help="Upper bound on probe rows for --probe-snr.")] = 256,
     mix_samples: Annotated[int, typer.Option(help="Rows per data source for the mixture search.")] = 8,
     work_dir: Annotated[Optional[Path], typer.Option(help="Stage artifacts (default: OUT.work); reruns resume from it.")] = None,
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Quantize with this tasa_plan.json (skips mix/profile/plan).")] = None,
@@ -130,11 +132,12 @@ def quantize(
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
     request = QuantizeRequest(model=model, out=out, bits=bits, method=method, target=target, tasks=_csv(tasks),
-                              task_data=tuple(task_data or ()), task_loss=task_loss,
+                              task_data=tuple(task_data or ()), objective_loss=objective_loss,
                               candidates=_ints(candidates), beta=beta, group_size=group_size, symmetric=not asym,
                               quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
                               seed=seed, act_order=act_order, true_sequential=true_sequential,
-                              probe_samples=probe_samples, mix_samples=mix_samples, work_dir=work_dir,
+                              probe_samples=probe_samples, probe_snr=probe_snr, max_probe_samples=max_probe_samples,
+                              mix_samples=mix_samples, work_dir=work_dir,
                               plan_path=plan_file, force=force)
 
     def on_block(index: int, total: int, resumed: bool) -> None:
@@ -205,7 +208,7 @@ def profile(
     model: Annotated[str, typer.Option()] = "smollm2-135m",
     tasks: Annotated[str, typer.Option()] = "gsm8k,arc",
     task_data: TaskDataOption = None,
-    task_loss: TaskLossOption = "nll",
+    objective_loss: ObjectiveLossOption = "kl",
     target: Annotated[str, typer.Option(help="vllm | gguf: which candidate grids to measure.")] = "vllm",
     candidates: Annotated[str, typer.Option()] = "3,4,8",
     probe_samples: Annotated[int, typer.Option()] = 32,
@@ -220,7 +223,7 @@ def profile(
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest
 
-    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), task_loss=task_loss, target=target,
+    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), objective_loss=objective_loss, target=target,
                               candidates=_ints(candidates),
                               probe_samples=probe_samples, seq_len=seq_len, seed=seed)
     check_output(out, force=force)

@@ -397,3 +397,34 @@ def measure_profile(model: nn.Module, tokenizer, *, objectives: Sequence[str] = 
     if len(state["layers"]) < len(decoder_blocks(model)):
         _run_layers(model, state, probes, path, progress, on_layer, notice)
     return profile_from_state(state)
+
+
+def measure_profile_to_snr(model: nn.Module, tokenizer, *, target_snr: float, max_probe: int, n_probe: int,
+                           probe_loader: Callable[[int], dict[str, ProbeSet]],
+                           partial_path: Callable[[int], Path | None] = lambda n: None,
+                           log: Callable[[str], None] = lambda m: None, **settings) -> SensitivityProfile:
+    """Probe rows chosen by the noise: measure at n_probe rows per objective; while some objective's
+    signal-to-noise (median |block delta| / SE, `stats.signal_to_noise`) is below target_snr, double the rows
+    (a fresh seeded sample of that size, `probe_loader(n)`, measured anew) up to max_probe. At most about twice
+    the cost of measuring the final size once. The profile's settings record the target and the sizes tried."""
+    from dataclasses import replace as replace_fields
+
+    from tasa_deploy.stats import signal_to_noise
+
+    if target_snr <= 0 or max_probe < n_probe:
+        raise UsageError(f"need a target SNR > 0 and max probe rows >= {n_probe} (got {target_snr}, {max_probe})")
+    tried: list[dict] = []
+    while True:
+        probes = probe_loader(n_probe)
+        profile = measure_profile(model, tokenizer, n_probe=n_probe, probes=probes, partial_path=partial_path(n_probe),
+                                  objectives=tuple(probes), **settings)
+        snr = {obj: signal_to_noise(profile.layer_deltas[obj], profile.layer_se[obj]) for obj in profile.objectives}
+        tried.append({"rows": n_probe, "snr": snr})
+        weak = [obj for obj, value in snr.items() if not value >= target_snr]
+        log(f"probe rows {n_probe}: signal-to-noise " + ", ".join(f"{k} {v:.1f}" for k, v in snr.items()))
+        if not weak or n_probe >= max_probe:
+            if weak:
+                log(f"below the target SNR {target_snr:g} at the maximum of {max_probe} rows: {', '.join(weak)}")
+            break
+        n_probe = min(2 * n_probe, max_probe)
+    return replace_fields(profile, settings={**profile.settings, "probe_snr": target_snr, "probe_sizes": tried})

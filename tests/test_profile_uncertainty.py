@@ -104,3 +104,29 @@ def test_profile_round_trips_its_uncertainty(profile, tmp_path):
     profile.save(path)
     assert SensitivityProfile.load(path) == profile
     assert set(profile.settings) >= {"shrinkage", "unit_error_proxy"}
+
+
+def test_probe_rows_double_until_the_target_snr(tiny, tmp_path):
+    """measure_profile_to_snr stops at the first size whose every objective reaches the target, and at the
+    maximum otherwise; each size is a real measurement (its SNR is recorded from its own profile)."""
+    from test_profile import _rows
+    import random
+
+    from tasa_deploy.profile import measure_profile_to_snr
+    from tasa_deploy.stats import signal_to_noise
+
+    model, tokenizer, _ = tiny
+    rows = _rows(random.Random(0))
+    loader = lambda n: {name: build_probe_set(name, tokenizer, rows[name][:n], seq_len=32, max_batch_tokens=96)  # noqa: E731
+                        for name in ("ppl", "math")}
+    paths = lambda n: tmp_path / f"partial.{n}.json"  # noqa: E731
+    easy = measure_profile_to_snr(model, tokenizer, target_snr=1e-9, max_probe=4, n_probe=2, probe_loader=loader,
+                                  partial_path=paths, progress=False)
+    assert [t["rows"] for t in easy.settings["probe_sizes"]] == [2] and easy.settings["n_probe"] == 2
+    hard = measure_profile_to_snr(model, tokenizer, target_snr=1e9, max_probe=5, n_probe=2, probe_loader=loader,
+                                  partial_path=paths, progress=False)
+    assert [t["rows"] for t in hard.settings["probe_sizes"]] == [2, 4, 5] and hard.settings["n_probe"] == 5
+    last = hard.settings["probe_sizes"][-1]["snr"]
+    assert last["math"] == pytest.approx(signal_to_noise(hard.layer_deltas["math"], hard.layer_se["math"]))
+    with pytest.raises(UsageError, match="max probe rows"):
+        measure_profile_to_snr(model, tokenizer, target_snr=3, max_probe=1, n_probe=2, probe_loader=loader)

@@ -4,6 +4,7 @@ same three things with deterministic disjoint splits, and bad files get one-line
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -27,7 +28,9 @@ def test_builtin_tasks_resolve_to_registered_pieces():
         assert task.objective in objectives.OBJECTIVES and all(e in EVALS for e in task.evals), task
     request = QuantizeRequest(tasks=("code", "gsm8k", "hellaswag"))
     assert request.task_sources == ("mbpp", "gsm8k", "hellaswag")
-    assert request.objectives == ("ppl", "code", "math", "hellaswag")  # no task is silently objective-less
+    assert request.objectives == ("kl:ppl", "kl:code", "kl:math", "kl:hellaswag")  # none is silently objective-less
+    assert replace(request, objective_loss="nll").objectives == ("ppl", "code", "math", "hellaswag")
+    assert all(objectives.get_objective(name).score == "kl" for name in request.objectives)
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -48,7 +51,7 @@ def test_user_task_becomes_source_objective_and_eval(tmp_path):
     assert [r["answer"] for r in parts["calib"]] == ["4", "12", "20"] and [r["answer"] for r in parts["probe"]] == ["6", "14", "22"]
     assert data.calibration_texts("adds")[0] == "What is 2 plus 2?\n4"
     request = QuantizeRequest(tasks=("adds", "gsm8k"), task_data=(f"adds={path}",))
-    assert request.objectives == ("ppl", "adds", "math") and "adds" in EVALS
+    assert request.objectives == ("kl:ppl", "kl:adds", "kl:math") and "adds" in EVALS
     with pytest.raises(UsageError, match="task 'adds' already exists"):
         tasks.register_task_data(f"adds={write_jsonl(tmp_path / 'other.jsonl', GEN)}")
 
