@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import machine, run_main  # noqa: E402
-from tasa_deploy.outputs import atomic_path, write_json_atomic  # noqa: E402
+from bench_common import machine, run_main, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "alpha_sweep"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -87,11 +86,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
               f"{report['model']}, {report['date']}, uniform {report['bits']}-bit GPTQ, tasks {report['tasks']}, "
               f"{report['limit']} eval rows per task, {report['windows']} WikiText-2 windows, "
               f"{report['machine']['cpus']} CPUs. " + __doc__.split("\n\n")[1].replace("\n", " ")]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "alpha_sweep.json", report, foreign_ok=True)
-    with atomic_path(out_dir / "alpha_sweep.md", force=True, foreign_ok=True) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(out_dir, "alpha_sweep", report, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

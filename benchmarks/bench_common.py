@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -16,6 +17,18 @@ def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
+
+
+def write_report(out_dir: Path, stem: str, report: dict, lines: list[str]) -> None:
+    """`<stem>.json` (the report) and `<stem>.md` (the table lines) written atomically into out_dir; the table
+    is printed too."""
+    from tasa_deploy.outputs import atomic_path, write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / f"{stem}.json", report, foreign_ok=True)
+    with atomic_path(out_dir / f"{stem}.md", force=True, foreign_ok=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import machine, run_main  # noqa: E402
+from bench_common import machine, run_main, write_report  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
-from tasa_deploy.outputs import atomic_path, write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "profile_noise"
 TARGET_SNR = 3.0
@@ -60,11 +59,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
               "", f"{report['model']}, {report['date']}, profile wall time {report['profile_seconds']} s on "
               f"{report['machine']['cpus']} CPUs ({report['machine']['threads']} torch threads). "
               + __doc__.split("\n\n")[1].replace("\n", " ")]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "noise.json", report, foreign_ok=True)
-    with atomic_path(out_dir / "noise.md", force=True, foreign_ok=True) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(out_dir, "noise", report, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -281,10 +281,22 @@ def calibration_mixture_tokens(model: str, quant: QuantSettings, root: Path):
     return pipeline.calibration_tokens(loaded, request, mix)
 
 
+def base_gguf(model: str, root: Path) -> Path:
+    """An F16 GGUF of the unquantized base (llama-quantize's input and llama.cpp's KL reference), made once."""
+    from tasa_deploy.exporters.gguf import export_dense_gguf
+    from tasa_deploy.model import resolve_model_dir
+
+    base = root / "gguf" / "base-f16.gguf"
+    if not base.is_file():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        export_dense_gguf(Path(resolve_model_dir(model)), base, dtype="f16")
+    return base
+
+
 def build_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
     """llama-quantize Q3_K_M / Q4_K_M (embeddings kept f16) from an F16 GGUF of the same base."""
     from tasa_deploy.artifacts import atomic_path
-    from tasa_deploy.exporters.gguf import export_dense_gguf, linear_bits_per_weight
+    from tasa_deploy.exporters.gguf import linear_bits_per_weight
     from tasa_deploy.exporters.llamacpp import imatrix_for_model, llama_quantize
     from tasa_deploy.model import resolve_model_dir
 
@@ -293,9 +305,7 @@ def build_gguf_row(name: str, model: str, quant: QuantSettings, root: Path) -> t
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"{name}.gguf"
     if not out.is_file():
-        base = folder / "base-f16.gguf"
-        if not base.is_file():
-            export_dense_gguf(Path(resolve_model_dir(model)), base, dtype="f16")
+        base = base_gguf(model, root)
         imatrix = None
         if name.endswith("-imatrix"):
             imatrix = folder / "imatrix-mix.gguf"

@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import machine, run_main  # noqa: E402
+from bench_common import machine, run_main, write_report  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
-from tasa_deploy.outputs import atomic_path, write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unit_costs"
 
@@ -101,11 +100,7 @@ def write_reports(report: dict, out_dir: Path) -> None:
     lines += ["", f"{report['model']}, {report['date']}, blocks {report['blocks']}, {report['probe_samples']} probe rows, "
               f"measured in {report['seconds']} s on {report['machine']['cpus']} CPUs. "
               + __doc__.split("\n\n")[1].replace("\n", " ")]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "unit_costs.json", report, foreign_ok=True)
-    with atomic_path(out_dir / "unit_costs.md", force=True, foreign_ok=True) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_report(out_dir, "unit_costs", report, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

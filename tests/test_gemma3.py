@@ -11,7 +11,6 @@ References: plain full-model forwards (`model(input_ids).logits`, `objectives.ev
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
@@ -24,8 +23,7 @@ from tasa_deploy.cli import app
 from tasa_deploy.model import decoder_blocks, load_artifact_model, load_model, quantizable_modules
 from tasa_deploy.objectives import build_probe_set, evaluate_objective, output_logits_fn
 from tasa_deploy.profile import _final_norm, measure_profile
-from tasa_deploy.quant.rtn import quantize_rtn
-from tasa_deploy.quant.spec import QuantSpec, default_group_size
+from test_profile import rtn_block_copy
 
 LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
 SLIDING_WINDOW = 8
@@ -172,12 +170,7 @@ def test_profile_baselines_and_deltas_equal_direct_forwards(tokenizer, tmp_path)
               for name in ("ppl", "math", "arc")}
     profile = measure_profile(model, tokenizer, probes=probes, partial_path=tmp_path / "p.json", progress=False)
     layer = 2  # a sliding layer after a global one: its tail replay crosses both layer types
-    quantized = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, linear in quantizable_modules(quantized).items():
-            if name.startswith(f"model.layers.{layer}."):
-                spec = QuantSpec(3, default_group_size(linear.in_features))
-                linear.weight.copy_(quantize_rtn(linear.weight, spec).dequantize(torch.float32))
+    quantized = rtn_block_copy(model, layer)
     for name, probe in probes.items():
         assert max(batch.tokens.shape[1] for batch in probe.batches) > SLIDING_WINDOW
         assert len(profile.layer_deltas[name]) == len(LAYER_TYPES)

@@ -87,6 +87,17 @@ def profile(tiny, tmp_path_factory):
     return measure_profile(model, tokenizer, probes=probes, partial_path=path, progress=False)
 
 
+def rtn_block_copy(model, layer: int, bits: int = 3):
+    """A copy of `model` with block `layer`'s linears RTN-quantized at the probe grid (the direct reference)."""
+    quantized = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, linear in quantizable_modules(quantized).items():
+            if name.startswith(f"model.layers.{layer}."):
+                spec = QuantSpec(bits, default_group_size(linear.in_features))
+                linear.weight.copy_(quantize_rtn(linear.weight, spec).dequantize(torch.float32))
+    return quantized
+
+
 def _unbatched_logprobs(model, ids: tuple[int, ...], start: int) -> float:
     """Sum of log p(ids[t] | ids[:t]) for t >= start, from one unpadded forward."""
     with torch.no_grad():
@@ -146,12 +157,7 @@ def test_profile_has_one_delta_per_layer_and_exact_baselines(tiny, profile):
 @pytest.mark.parametrize("layer", [0, N_LAYERS - 1])
 def test_layer_delta_matches_direct_quantized_forward(tiny, profile, layer):
     model, _, probes = tiny
-    quantized = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, linear in quantizable_modules(quantized).items():
-            if name.startswith(f"model.layers.{layer}."):
-                spec = QuantSpec(3, default_group_size(linear.in_features))
-                linear.weight.copy_(quantize_rtn(linear.weight, spec).dequantize(torch.float32))
+    quantized = rtn_block_copy(model, layer)
     for name, probe in probes.items():
         direct = evaluate_objective(quantized, probe) - evaluate_objective(model, probe)
         assert profile.layer_deltas[name][layer] == pytest.approx(direct, abs=1e-5)

@@ -7,19 +7,15 @@ torch's own `kl_div` over the full vocabulary.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from test_profile import N_LAYERS, make_tiny
+from test_profile import N_LAYERS, make_tiny, rtn_block_copy
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import SensitivityProfile
-from tasa_deploy.model import quantizable_modules
 from tasa_deploy.objectives import build_probe_set, evaluate_objective, objective_row_losses, scored_loss_sums
 from tasa_deploy.profile import measure_profile
-from tasa_deploy.quant.rtn import quantize_rtn
-from tasa_deploy.quant.spec import QuantSpec, default_group_size
 from tasa_deploy.stats import paired_ratio_delta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -47,20 +43,10 @@ def profile(tiny, probes, tmp_path_factory):
                            progress=False)
 
 
-def _quantized_block(model, layer: int):
-    quantized = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, linear in quantizable_modules(quantized).items():
-            if name.startswith(f"model.layers.{layer}."):
-                spec = QuantSpec(3, default_group_size(linear.in_features))
-                linear.weight.copy_(quantize_rtn(linear.weight, spec).dequantize(torch.float32))
-    return quantized
-
-
 @pytest.mark.parametrize("layer", [0, N_LAYERS - 1])
 def test_row_deltas_and_standard_errors_match_direct_forwards(tiny, probes, profile, layer):
     model = tiny[0]
-    quantized = _quantized_block(model, layer)
+    quantized = rtn_block_copy(model, layer)
     for name, probe in probes.items():
         reference = model if name.startswith("kl:") else None
         base = objective_row_losses(model, probe, reference)
@@ -77,7 +63,7 @@ def test_kl_objective_is_zero_at_baseline_and_the_divergence_of_the_quantized_mo
     model = tiny[0]
     assert profile.baselines["kl:math"] == 0.0
     assert all(d > 0 for d in profile.layer_deltas["kl:math"])
-    direct = evaluate_objective(_quantized_block(model, 1), probes["kl:math"], reference_model=model)
+    direct = evaluate_objective(rtn_block_copy(model, 1), probes["kl:math"], reference_model=model)
     assert profile.layer_deltas["kl:math"][1] == pytest.approx(direct, rel=1e-4)
     with pytest.raises(UsageError, match="KL divergence"):
         evaluate_objective(model, probes["kl:math"])
@@ -85,7 +71,7 @@ def test_kl_objective_is_zero_at_baseline_and_the_divergence_of_the_quantized_mo
 
 def test_kl_sums_match_torch_kl_div_over_the_full_vocabulary(tiny, probes):
     model = tiny[0]
-    quantized = _quantized_block(model, 0)
+    quantized = rtn_block_copy(model, 0)
     batch = probes["kl:math"].batches[0]
     with torch.no_grad():
         p_logits = model(input_ids=batch.tokens).logits  # [B, T, V]
