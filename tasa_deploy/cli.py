@@ -212,26 +212,26 @@ def profile(
     target: Annotated[str, typer.Option(help="vllm | gguf: which candidate grids to measure.")] = "vllm",
     candidates: Annotated[str, typer.Option()] = "3,4,8",
     probe_samples: Annotated[int, typer.Option()] = 32,
-    seq_len: Annotated[int, typer.Option()] = 256,
+    probe_snr: Annotated[Optional[float], typer.Option(help="Double the probe rows until every objective's signal-to-noise reaches this.")] = None,
+    max_probe_samples: Annotated[int, typer.Option()] = 256,
+    seq_len: Annotated[int, typer.Option(help="Probe row length in tokens.")] = 256,
     seed: Annotated[int, typer.Option()] = 0,
     top_k: Annotated[int, typer.Option(help="Show the k most sensitive layers per objective.")] = 5,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing profile written by tasa-deploy.")] = False,
 ) -> None:
     """Measure per-layer, per-objective RTN sensitivity; write profile.json (resumes per layer)."""
     from tasa_deploy import plan as plan_stage
-    from tasa_deploy import profile as profile_stage
     from tasa_deploy.model import load_model
-    from tasa_deploy.pipeline import QuantizeRequest
+    from tasa_deploy.pipeline import QuantizeRequest, measure_request_profile
 
-    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), objective_loss=objective_loss, target=target,
-                              candidates=_ints(candidates),
-                              probe_samples=probe_samples, seq_len=seq_len, seed=seed)
+    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), objective_loss=objective_loss,
+                              target=target, candidates=_ints(candidates), probe_samples=probe_samples,
+                              probe_snr=probe_snr, max_probe_samples=max_probe_samples, probe_seq_len=seq_len,
+                              seed=seed)
     check_output(out, force=force)
     loaded = load_model(model)
-    result = profile_stage.measure_profile(
-        loaded.model, loaded.tokenizer, objectives=request.objectives, target=target,
-        probe_bits=min(request.candidates), candidate_bits=request.candidates, n_probe=probe_samples,
-        seq_len=seq_len, seed=seed, partial_path=out.with_name(out.name + ".partial"))
+    result = measure_request_profile(loaded, request, lambda n: out.with_name(f"{out.name}.partial.{n}"),
+                                     lambda m: console.print(m))
     result.save(out, force=force)
     _print_profile_diagnostics(plan_stage, result, top_k)
     out_console.print(f"wrote {out}")

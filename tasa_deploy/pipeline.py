@@ -238,10 +238,8 @@ def stage_mix(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, w
 
 def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, work_dir: Path,
                   log: Log) -> SensitivityProfile:
-    """profile.json: reuse when model and settings match; otherwise measure (resuming per layer). With
-    request.probe_snr the probe rows double from probe_samples until every objective reaches that SNR."""
+    """profile.json: reuse when model and settings match; otherwise measure (`measure_request_profile`)."""
     from tasa_deploy import profile as profile_stage
-    from tasa_deploy.objectives import load_probe_set
 
     path = work_dir / "profile.json"
     kwargs = dict(target=request.target, probe_bits=min(request.candidates), candidate_bits=request.candidates,
@@ -256,19 +254,29 @@ def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeReques
         if saved.model_fingerprint == fingerprint and settings_match(saved_settings, wanted):
             log(f"reusing {path}")
             return saved
-    if request.probe_snr is None:
-        profile = profile_stage.measure_profile(loaded.model, loaded.tokenizer, objectives=request.objectives,
-                                                n_probe=request.probe_samples,
-                                                partial_path=work_dir / "profile.partial.json", **kwargs)
-    else:
-        profile = profile_stage.measure_profile_to_snr(
-            loaded.model, loaded.tokenizer, target_snr=request.probe_snr, max_probe=request.max_probe_samples,
-            n_probe=request.probe_samples, log=log,
-            probe_loader=lambda n: {name: load_probe_set(name, loaded.tokenizer, n, request.probe_seq_len,
-                                                         request.seed) for name in request.objectives},
-            partial_path=lambda n: work_dir / f"profile.partial.{n}.json", **kwargs)
+    profile = measure_request_profile(loaded, request, lambda n: work_dir / f"profile.partial.{n}.json", log)
     profile.save(path)
     return profile
+
+
+def measure_request_profile(loaded: LoadedModel, request: QuantizeRequest, partial_path: Callable[[int], Path],
+                            log: Log) -> SensitivityProfile:
+    """Measure the request's profile (resuming from `partial_path(rows)`); with request.probe_snr the probe
+    rows double from probe_samples until every objective reaches that signal-to-noise."""
+    from tasa_deploy import profile as profile_stage
+    from tasa_deploy.objectives import load_probe_set
+
+    kwargs = dict(target=request.target, probe_bits=min(request.candidates), candidate_bits=request.candidates,
+                  seq_len=request.probe_seq_len, seed=request.seed)
+    if request.probe_snr is None:
+        return profile_stage.measure_profile(loaded.model, loaded.tokenizer, objectives=request.objectives,
+                                             n_probe=request.probe_samples,
+                                             partial_path=partial_path(request.probe_samples), **kwargs)
+    return profile_stage.measure_profile_to_snr(
+        loaded.model, loaded.tokenizer, target_snr=request.probe_snr, max_probe=request.max_probe_samples,
+        n_probe=request.probe_samples, log=log, partial_path=partial_path,
+        probe_loader=lambda n: {name: load_probe_set(name, loaded.tokenizer, n, request.probe_seq_len, request.seed)
+                                for name in request.objectives}, **kwargs)
 
 
 def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: Path) -> BitPlan:

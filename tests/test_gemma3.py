@@ -202,3 +202,20 @@ def test_tasa_quantize_cli_runs_every_stage(gemma_dir, calibration_data, tmp_pat
     with torch.no_grad():
         logits = load_artifact_model(out).model(torch.randint(0, loaded.model.config.vocab_size, (1, 32))).logits
     assert torch.isfinite(logits).all()
+
+
+def test_profile_cli_reports_noise_and_grows_probe_rows_to_the_target(gemma_dir, calibration_data, tmp_path):
+    """`tasa-deploy profile --probe-snr`: probe rows double up to the cap when the target is out of reach, the
+    profile records the sizes tried with their SNRs and carries standard errors, and the CLI prints both
+    diagnostics tables."""
+    from tasa_deploy.artifacts import SensitivityProfile
+
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(app, ["profile", "--model", str(gemma_dir), "--probe-samples", "2", "--seq-len", "64",
+                                      "--probe-snr", "1e9", "--max-probe-samples", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    profile = SensitivityProfile.load(out)
+    assert [t["rows"] for t in profile.settings["probe_sizes"]] == [2, 4] and profile.settings["n_probe"] == 4
+    assert profile.objectives == ("kl:ppl", "kl:math", "kl:arc")
+    assert all(len(profile.layer_se[o]) == len(profile.layer_deltas[o]) for o in profile.objectives)
+    assert "signal-to-noise" in result.output and "bootstrap interval" in result.output
