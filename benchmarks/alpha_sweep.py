@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--limit", type=int, default=200, help="eval rows per task for the KL")
     parser.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 512 tokens")
+    parser.add_argument("--mix-draws", type=int, default=1, help="data draws of the mixture search (spread kept)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512, help="calibration row length")
     parser.add_argument("--out-dir", type=Path, default=None)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = load_model(args.model)
     mix = search_mixture(base.model, base.tokenizer, general=request.general, tasks=request.task_sources,
                          alphas=ALPHAS, n_samples=request.mix_samples, seq_len=request.probe_seq_len * 2,
-                         seed=request.seed)
+                         seed=request.seed, draws=args.mix_draws)
     root = Path(os.environ.get("TASA_BENCH_CACHE", cache_root() / "bench" / "alpha_sweep")) / Path(args.model).name
     rows = []
     for score in mix.scores:

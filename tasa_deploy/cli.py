@@ -178,6 +178,7 @@ def mix(
     samples: Annotated[int, typer.Option()] = 16,
     seq_len: Annotated[int, typer.Option()] = 256,
     seed: Annotated[int, typer.Option()] = 0,
+    draws: Annotated[int, typer.Option(help="Repeat the search on this many independent data draws: scores are averaged, their spread kept in mix.json.")] = 1,
     force: Annotated[bool, typer.Option("--force")] = False,
 ) -> None:
     """Search the calibration mixture (gradient alignment + Hessian-trace proxy); write mix.json."""
@@ -196,7 +197,7 @@ def mix(
         raise UsageError(f"--alphas must be numbers in [0, 1], got '{alphas}'")
     loaded = load_model(model)
     result = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=general, tasks=sources, alphas=grid,
-                                      n_samples=samples, seq_len=seq_len, seed=seed)
+                                      n_samples=samples, seq_len=seq_len, seed=seed, draws=draws)
     result.save(out, force=force)
     out_console.print(_table("calibration mixtures (alpha = general share)", mix_stage.mix_table_rows(result)))
     out_console.print(f"chosen alpha = {result.alpha}; wrote {out}")

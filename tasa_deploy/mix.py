@@ -290,18 +290,48 @@ def _say(progress: bool, message: str) -> None:
 
 def search_mixture(model, tokenizer, *, general: str = "lambada", tasks: tuple[str, ...] = DEFAULT_TASKS,
                    alphas=DEFAULT_ALPHAS, n_samples: int = 16, seq_len: int = 256, seed: int = 0,
-                   damp: float = 0.01, progress: bool = True) -> CalibrationMix:
+                   damp: float = 0.01, progress: bool = True, draws: int = 1) -> CalibrationMix:
     """Score every alpha on the grid by gradient alignment and the Hessian-trace proxy; pick alpha*.
 
     Three gradient passes of `n_samples` x `seq_len` tokens (general calib, task calib, task probe) serve
-    the whole grid; the Gram matrices come from the same passes."""
-    from tasa_deploy.data import token_batches
-
+    the whole grid; the Gram matrices come from the same passes. With `draws` > 1 the search repeats on
+    independent data draws (seeds seed, seed + 2, ...): alpha* comes from the scores averaged over draws, and
+    mix.json keeps every draw's scores with their standard deviation over draws (`settings["draws"]`)."""
     alphas = tuple(alphas)
     tasks = tuple(tasks)
     check_mix_inputs(general, tasks, alphas, n_samples, seq_len)
     if damp <= 0:
         raise UsageError(f"damp must be > 0 (got {damp}); H_gen or H_task alone may be singular")
+    if draws < 1:
+        raise UsageError(f"draws must be >= 1, got {draws}")
+    per_draw = [_score_one_draw(model, tokenizer, general, tasks, alphas, n_samples, seq_len, seed + 2 * d, damp,
+                                progress) for d in range(draws)]
+    alignments = [sum(d["alignments"][i] for d in per_draw) / draws for i in range(len(alphas))]
+    traces = [sum(d["traces"][i] for d in per_draw) / draws for i in range(len(alphas))]
+    scores = score_grid(alphas, alignments, traces)
+    chosen = choose_alpha(scores)
+    _say(progress, f"alpha* = {chosen} (share of general data)")
+    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "damp": damp,
+                "combination": COMBINATION, "losses": per_draw[0]["losses"], "seconds": per_draw[0]["seconds"],
+                "linear_inputs": per_draw[0]["linear_inputs"]}
+    if draws > 1:
+        settings["draws"] = {"per_draw": [{k: d[k] for k in ("seed", "alignments", "traces", "alpha_star")}
+                                          for d in per_draw],
+                             "alignment_sd": [_sd([d["alignments"][i] for d in per_draw]) for i in range(len(alphas))],
+                             "trace_sd": [_sd([d["traces"][i] for d in per_draw]) for i in range(len(alphas))]}
+    return CalibrationMix(model_fingerprint(model), chosen, general, tasks, scores, settings)
+
+
+def _sd(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _score_one_draw(model, tokenizer, general: str, tasks: tuple[str, ...], alphas: tuple[float, ...],
+                    n_samples: int, seq_len: int, seed: int, damp: float, progress: bool) -> dict:
+    """Alignment and trace over the grid from one draw of general, task and probe rows (seeds seed, seed + 1)."""
+    from tasa_deploy.data import token_batches
+
     sets = {"general": token_batches(tokenizer, general_texts(general), n_samples, seq_len, seed),
             "task": token_batches(tokenizer, task_texts(tasks, "calib"), n_samples, seq_len, seed),
             "probe": token_batches(tokenizer, task_texts(tasks, "probe"), n_samples, seq_len, seed + 1)}
@@ -317,13 +347,9 @@ def search_mixture(model, tokenizer, *, general: str = "lambada", tasks: tuple[s
     traces = hessian_trace_over_grid(stats["probe"].grams, stats["general"].grams, stats["task"].grams,
                                      alphas, damp, data_tokens=stats["general"].tokens + stats["task"].tokens)
     seconds["scores"] = round(time.perf_counter() - start, 2)
-    scores = score_grid(alphas, alignments, traces)
-    chosen = choose_alpha(scores)
-    _say(progress, f"alpha* = {chosen} (share of general data)")
-    settings = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "damp": damp,
-                "combination": COMBINATION, "losses": {k: s.loss for k, s in stats.items()},
-                "seconds": seconds, "linear_inputs": len(stats["probe"].grams)}
-    return CalibrationMix(model_fingerprint(model), chosen, general, tasks, scores, settings)
+    return {"seed": seed, "alignments": alignments, "traces": traces, "seconds": seconds,
+            "alpha_star": choose_alpha(score_grid(alphas, alignments, traces)),
+            "losses": {k: s.loss for k, s in stats.items()}, "linear_inputs": len(stats["probe"].grams)}
 
 
 def mixture_token_batches(mix: CalibrationMix, tokenizer, n_samples: int, seq_len: int,

@@ -229,6 +229,25 @@ def test_search_on_tiny_model_with_real_data(calibration_data, tmp_path):
     assert tokens.shape == (4, 32) and tokens.dtype == torch.int64
 
 
+def test_search_over_several_data_draws_averages_and_keeps_the_spread(calibration_data):
+    tokenizer = smollm2_tokenizer()
+    model = tiny_llama(vocab=len(tokenizer))
+    alphas = (0.0, 0.5, 1.0)
+    kwargs = dict(tasks=("gsm8k",), alphas=alphas, n_samples=2, seq_len=32, progress=False)
+    two = mix.search_mixture(model, tokenizer, draws=2, **kwargs)
+    first = mix.search_mixture(model, tokenizer, **kwargs)
+    second = mix.search_mixture(model, tokenizer, seed=2, **kwargs)
+    draws = two.settings["draws"]
+    assert [d["seed"] for d in draws["per_draw"]] == [0, 2] and "draws" not in first.settings
+    assert draws["per_draw"][0]["traces"] == pytest.approx([s.hessian_trace for s in first.scores], rel=1e-6)
+    for i, score in enumerate(two.scores):
+        pair = (first.scores[i].grad_alignment, second.scores[i].grad_alignment)
+        assert score.grad_alignment == pytest.approx(sum(pair) / 2, rel=1e-6, abs=1e-9)
+        assert draws["alignment_sd"][i] == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5, rel=1e-5, abs=1e-9)
+    with pytest.raises(UsageError, match="draws must be"):
+        mix.search_mixture(model, tokenizer, draws=0, **kwargs)
+
+
 @pytest.mark.slow
 def test_search_on_smollm2(smollm2, calibration_data):
     start = time.perf_counter()
