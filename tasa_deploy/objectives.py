@@ -6,10 +6,13 @@ must serve. An objective here is three pure pieces:
     calibration rows and from the evaluation split);
   - `encode(tokenizer, rows, seq_len) -> [EncodedSequence]`: token ids, the positions whose token is scored,
     the probe row each sequence belongs to and whether it holds the correct choice;
-  - `reduce(seq_logprob, seq_count, probe) -> float`: the loss from per-sequence summed log-probs.
-Because every loss is a function of per-sequence sums of log p(token | prefix), one forward over the probe
-batches yields all objectives at once; `tasa_deploy.profile` exploits that to share the forward of the
-quantized tail across objectives.
+  - `reduce(seq_loss, seq_count, probe) -> RowLosses`: the loss split over probe rows (loss = sum num / sum
+    den), from per-sequence summed per-token losses; the rows give every delta its standard error.
+Because every loss is a function of per-sequence sums of a per-token loss, one forward over the probe batches
+yields all objectives at once; `tasa_deploy.profile` exploits that to share the forward of the quantized tail
+across objectives. The per-token loss is the NLL of the scored token, or for "kl:NAME" objectives the KL
+divergence KL(unquantized || quantized) of the next-token distribution at that position (same rows and
+tokens as NAME; pooled per token; 0 at the baseline).
 
 Registry `OBJECTIVES` (one dict per concept):
   ppl   mean next-token NLL over general prose (LAMBADA probe passages; NOT the WikiText-2 test text used for
@@ -18,7 +21,8 @@ Registry `OBJECTIVES` (one dict per concept):
   arc   multiple-choice loss, -log softmax_c(sum of choice-token log-likelihoods)[label], averaged over
         ARC-Easy + ARC-Challenge probe questions (half each); `hellaswag`, `piqa` likewise on their rows;
   code  mean per-token NLL of MBPP reference code given the problem text and its first test;
-  NAME  a user task (`--task-data`, `tasa_deploy.tasks`): answer NLL or choice loss, by its row kind.
+  NAME  a user task (`--task-data`, `tasa_deploy.tasks`): answer NLL or choice loss, by its row kind;
+  kl:NAME  any of the above scored by KL from the unquantized model (the default in `quantize`).
 Sequences are right-padded: with a causal mask a real token never attends to a later pad, so no attention
 mask is needed and batch composition does not change any scored log-prob (up to float rounding).
 """
