@@ -125,13 +125,16 @@ def main(argv: list[str] | None = None) -> dict:
     probes = {name: load_probe_set(name, loaded.tokenizer, args.probe_samples, args.seq_len) for name in objectives}
     profile = measure_profile(loaded.model, loaded.tokenizer, objectives=objectives, n_probe=args.probe_samples,
                               seq_len=args.seq_len, probes=probes)
+    out_dir = args.out_dir or RESULTS / Path(args.model).name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profile.save(out_dir / "profile.json", force=True)  # the profile whose proxy is judged (with its SEs)
     start = time.perf_counter()
     rows = measure_units(loaded.model, profile, probes, blocks)
     report = {"schema": "tasa-bench-unit-costs/1", "model": args.model, "date": datetime.date.today().isoformat(),
               "machine": machine(), "objectives": list(objectives), "probe_samples": args.probe_samples,
               "seq_len": args.seq_len, "blocks": blocks, "seconds": round(time.perf_counter() - start, 1),
               "summary": summarize(rows, objectives), "pairs": rows}
-    write_reports(report, args.out_dir or RESULTS / Path(args.model).name)
+    write_reports(report, out_dir)
     return report
 
 
