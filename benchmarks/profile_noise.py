@@ -31,14 +31,12 @@ TARGET_SNR = 3.0
 
 def subset_reliability(profile, objective: str, n_rows: int) -> dict:
     """SNR, mean SE and negative blocks of `objective` from its first n_rows probe rows only."""
-    from tasa_deploy.stats import ratio_mean_se, signal_to_noise
+    from tasa_deploy.stats import ratio_mean_se, reliability
 
     weights = profile.row_weights[objective][:n_rows]
     pairs = [ratio_mean_se(layer[:n_rows], weights) for layer in profile.row_deltas[objective]]
     deltas, ses = [d for d, _ in pairs], [s for _, s in pairs]
-    return {"objective": objective, "rows": n_rows, "snr": signal_to_noise(deltas, ses),
-            "mean_se": sum(ses) / len(ses), "mean_delta": sum(deltas) / len(deltas),
-            "negative_blocks": sum(d < 0 for d in deltas), "blocks": len(deltas)}
+    return {"objective": objective, "rows": n_rows, "mean_delta": sum(deltas) / len(deltas), **reliability(deltas, ses)}
 
 
 def rows_for_target(table: list[dict], objective: str) -> int | None:

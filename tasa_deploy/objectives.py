@@ -324,6 +324,12 @@ def scored_states(hidden: torch.Tensor, batch: ProbeBatch) -> torch.Tensor:
     return hidden[rows, cols]
 
 
+def next_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref || p) [p] between the next-token distributions of two logit rows [p, V] (float32 softmax)."""
+    ref = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (ref.exp() * (ref - torch.log_softmax(logits.float(), dim=-1))).sum(dim=-1)
+
+
 def scored_loss_sums(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, batch: ProbeBatch,
                      reference: torch.Tensor | None = None, chunk: int = 512) -> torch.Tensor:
     """Per-sequence sum of the per-token loss [B] float64, from final hidden states [B, T, H].
@@ -336,12 +342,11 @@ def scored_loss_sums(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: 
     sums = torch.zeros(batch.tokens.shape[0], dtype=torch.float64)  # [B]
     for start in range(0, rows.numel(), chunk):
         part = slice(start, start + chunk)
-        logprobs = torch.log_softmax(logits_fn(hidden[rows[part], cols[part]]).float(), dim=-1)  # [p, V]
+        logits = logits_fn(hidden[rows[part], cols[part]])  # [p, V]
         if reference is None:
-            losses = -logprobs.gather(1, targets[part, None])[:, 0]  # [p]
+            losses = -torch.log_softmax(logits.float(), dim=-1).gather(1, targets[part, None])[:, 0]  # [p]
         else:
-            ref = torch.log_softmax(logits_fn(reference[part]).float(), dim=-1)  # [p, V]
-            losses = (ref.exp() * (ref - logprobs)).sum(dim=-1)  # [p]
+            losses = next_token_kl(logits_fn(reference[part]), logits)  # [p]
         sums.index_add_(0, rows[part], losses.double())
     return sums
 

@@ -22,6 +22,7 @@ from tasa_deploy import UsageError
 from tasa_deploy.artifacts import BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers
 from tasa_deploy.quantized_dir import save_artifact
 from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
+from tasa_deploy.objectives import KL_PREFIX
 from tasa_deploy.plan import check_budget_args
 from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
 from tasa_deploy.quant.spec import INT_GROUP_SIZES, QuantSpec, default_group_size
@@ -115,9 +116,9 @@ class QuantizeRequest:
     def objectives(self) -> tuple[str, ...]:
         """General prose and each task's objective: every task has one, so a plan is never silently ppl-only.
         objective_loss "kl" (default) scores each by KL divergence from the unquantized model on its scored
-        tokens ("kl:ppl", "kl:math"): on SmolLM2 its block deltas are 3-12x further from zero in standard
-        errors than the NLL's at the same probe rows (benchmarks/results/profile_noise)."""
-        prefix = "kl:" if self.objective_loss == "kl" else ""
+        tokens ("kl:ppl", "kl:math"): on SmolLM2 at 48 probe rows its block deltas are 4x (math) to 19x (arc)
+        more standard errors from zero than the NLL's (benchmarks/results/profile_noise)."""
+        prefix = KL_PREFIX if self.objective_loss == "kl" else ""
         return tuple(dict.fromkeys(prefix + name for name in ("ppl", *(get_task(t).objective for t in self.tasks))))
 
     @property
@@ -242,9 +243,8 @@ def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeReques
     from tasa_deploy import profile as profile_stage
 
     path = work_dir / "profile.json"
-    kwargs = dict(target=request.target, probe_bits=min(request.candidates), candidate_bits=request.candidates,
-                  seq_len=request.probe_seq_len, seed=request.seed)
-    wanted = profile_stage.profile_settings(objectives=request.objectives, n_probe=request.probe_samples, **kwargs)
+    wanted = profile_stage.profile_settings(objectives=request.objectives, n_probe=request.probe_samples,
+                                            **profile_kwargs(request))
     if path.is_file():
         saved = SensitivityProfile.load(path)
         saved_settings = {k: v for k, v in saved.settings.items() if k not in ("settings_hash", "probe_data")}
@@ -259,6 +259,12 @@ def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeReques
     return profile
 
 
+def profile_kwargs(request: QuantizeRequest) -> dict:
+    """The measurement settings of the request's profile besides its objectives and probe rows."""
+    return dict(target=request.target, probe_bits=min(request.candidates), candidate_bits=request.candidates,
+                seq_len=request.probe_seq_len, seed=request.seed)
+
+
 def measure_request_profile(loaded: LoadedModel, request: QuantizeRequest, partial_path: Callable[[int], Path],
                             log: Log) -> SensitivityProfile:
     """Measure the request's profile (resuming from `partial_path(rows)`); with request.probe_snr the probe
@@ -266,8 +272,7 @@ def measure_request_profile(loaded: LoadedModel, request: QuantizeRequest, parti
     from tasa_deploy import profile as profile_stage
     from tasa_deploy.objectives import load_probe_set
 
-    kwargs = dict(target=request.target, probe_bits=min(request.candidates), candidate_bits=request.candidates,
-                  seq_len=request.probe_seq_len, seed=request.seed)
+    kwargs = profile_kwargs(request)
     if request.probe_snr is None:
         return profile_stage.measure_profile(loaded.model, loaded.tokenizer, objectives=request.objectives,
                                              n_probe=request.probe_samples,

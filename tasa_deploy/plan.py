@@ -35,7 +35,7 @@ from tasa_deploy.artifacts import PLAN_TARGETS, BitPlan, ModulePlan, Sensitivity
 from tasa_deploy.outputs import TAG, atomic_path
 from tasa_deploy.bits import bits_per_weight, exact_bits_per_weight, gguf_candidates
 from tasa_deploy.quant.spec import QuantSpec
-from tasa_deploy.stats import bootstrap_tau, kendall_tau_b, signal_to_noise
+from tasa_deploy.stats import bootstrap_tau, kendall_tau_b, reliability
 
 GENERAL_OBJECTIVES = ("ppl",)
 NORMALIZATION = "per-objective: max(delta, 0) / sum of max(delta, 0) over all units and candidates"
@@ -234,14 +234,9 @@ def tau_table(profile: SensitivityProfile, n_boot: int = 1000, seed: int = 0) ->
 def reliability_table(profile: SensitivityProfile) -> list[dict]:
     """Per objective: median |delta| / SE over blocks (its signal-to-noise), the mean SE, and how many block
     deltas are negative (quantizing a block should not lower a loss; negatives are noise)."""
-    rows = []
-    for objective in profile.objectives:
-        deltas = profile.layer_deltas[objective]
-        ses = profile.layer_se[objective] if profile.layer_se is not None else None
-        rows.append({"objective": objective, "snr": signal_to_noise(deltas, ses) if ses else math.nan,
-                     "mean_se": sum(ses) / len(ses) if ses else math.nan,
-                     "negative_blocks": sum(d < 0 for d in deltas), "blocks": len(deltas)})
-    return rows
+    return [{"objective": objective, **reliability(profile.layer_deltas[objective],
+                                                    profile.layer_se[objective] if profile.layer_se else None)}
+            for objective in profile.objectives]
 
 
 def top_layers(profile: SensitivityProfile, k: int) -> dict[str, list[int]]:

@@ -57,7 +57,7 @@ from tasa_deploy.objectives import (ProbeSet, RowLosses, get_objective, load_pro
                                     reduce_probe, scored_loss_sums, scored_states)
 from tasa_deploy.quant.rtn import fake_quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec, default_group_size
-from tasa_deploy.stats import SHRINKAGE_RULE, paired_ratio_delta, shrink
+from tasa_deploy.stats import SHRINKAGE_RULE, ratio_mean_se, shrink
 
 PARTIAL_SCHEMA = "tasa-profile-partial/2"
 # Linears that read the same input as another one: their Gram matrix is that module's.
@@ -279,10 +279,9 @@ def layer_record(layer: int, baseline: dict[str, dict], losses: dict[str, RowLos
     """One block's JSON state: per objective its delta, standard error and per-row paired deltas."""
     record = {"layer": layer, "deltas": {}, "se": {}, "row_deltas": {}, "units": units}
     for obj, rows in losses.items():
-        base = baseline[obj]["num"]
-        delta, se = paired_ratio_delta(base, rows.num.tolist(), baseline[obj]["den"])
-        record["deltas"][obj], record["se"][obj] = delta, se
-        record["row_deltas"][obj] = [n - b for n, b in zip(rows.num.tolist(), base)]
+        diffs = [n - b for n, b in zip(rows.num.tolist(), baseline[obj]["num"], strict=True)]
+        record["deltas"][obj], record["se"][obj] = ratio_mean_se(diffs, baseline[obj]["den"])
+        record["row_deltas"][obj] = diffs
     return record
 
 
@@ -340,7 +339,9 @@ def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path
     settings, blocks = state["settings"], decoder_blocks(model)
     batches = [(name, i) for name in settings["objectives"] for i in range(len(probes[name].batches))]
     hidden = capture_block_inputs(model, [probes[name].batches[i].tokens for name, i in batches])
-    baseline, references = tail_losses(model, 0, hidden, batches, probes)  # also the KL objectives' references
+    references: list[torch.Tensor | None] = [None] * len(batches)
+    if state["baselines"] is None or any(get_objective(o).score == "kl" for o in settings["objectives"]):
+        baseline, references = tail_losses(model, 0, hidden, batches, probes)  # + the KL objectives' references
     if state["baselines"] is None:
         state["baselines"] = {name: rows.loss for name, rows in baseline.items()}
         state["baseline_rows"] = {name: {"num": rows.num.tolist(), "den": rows.den.tolist()}

@@ -98,6 +98,13 @@ def signal_to_noise(deltas: Sequence[float], ses: Sequence[float]) -> float:
     return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
 
 
+def reliability(deltas: Sequence[float], ses: Sequence[float] | None) -> dict:
+    """One objective's noise summary: signal-to-noise, mean SE (nan without SEs), negative and total blocks."""
+    return {"snr": signal_to_noise(deltas, ses) if ses else math.nan,
+            "mean_se": sum(ses) / len(ses) if ses else math.nan,
+            "negative_blocks": sum(d < 0 for d in deltas), "blocks": len(deltas)}
+
+
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's tau-b (tie-corrected) by pair counting; nan when either sequence is constant."""
     if len(x) != len(y):
@@ -173,4 +180,4 @@ def bootstrap_tau(rows_a: Sequence[Sequence[float]], weights_a: Sequence[float],
 
 
 __all__ = ["SHRINKAGE_RULE", "between_block_variance", "bootstrap_tau", "kendall_tau_b", "layer_deltas_from_rows", "paired_ratio_delta",
-           "ranks", "ratio_mean_se", "shrink", "signal_to_noise", "spearman_rho"]
+           "ranks", "ratio_mean_se", "reliability", "shrink", "signal_to_noise", "spearman_rho"]

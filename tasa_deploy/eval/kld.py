@@ -23,7 +23,7 @@ import torch
 from tasa_deploy import UsageError
 from tasa_deploy.eval.perplexity import llamacpp_windows, model_device, resolve_add_bos, standard_windows, track
 from tasa_deploy.objectives import (ProbeBatch, batch_sequences, encode_answer, encode_choices, encode_prompt_answer,
-                                    output_logits_fn, scored_positions)
+                                    next_token_kl, output_logits_fn, scored_positions)
 from tasa_deploy.stats import ratio_mean_se
 
 
@@ -57,11 +57,11 @@ def divergence_sums(model, reference, batch: ProbeBatch, chunk: int = 256) -> tu
     for start in range(0, rows.numel(), chunk):
         part = slice(start, start + chunk)
         r, c = rows[part].to(states.device), cols[part].to(states.device)
-        logprobs = torch.log_softmax(head(states[r, c]).float(), dim=-1)  # [p, V]
+        logits = head(states[r, c])  # [p, V]
         r2, c2 = rows[part].to(ref_states.device), cols[part].to(ref_states.device)
-        ref = torch.log_softmax(ref_head(ref_states[r2, c2]).float(), dim=-1).to(logprobs.device)  # [p, V]
-        kl.index_add_(0, rows[part], (ref.exp() * (ref - logprobs)).sum(dim=-1).double().cpu())
-        agree.index_add_(0, rows[part], (logprobs.argmax(-1) == ref.argmax(-1)).double().cpu())
+        ref = ref_head(ref_states[r2, c2]).to(logits.device)  # [p, V]
+        kl.index_add_(0, rows[part], next_token_kl(ref, logits).double().cpu())
+        agree.index_add_(0, rows[part], (logits.argmax(-1) == ref.argmax(-1)).double().cpu())
     return kl, agree
 
 
