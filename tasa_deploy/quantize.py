@@ -101,19 +101,33 @@ def _quantize_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], pl
     return result
 
 
+def shared_input_keys(names) -> dict[str, str]:
+    """Module name -> the name of the first listed module reading the same input: q/k/v share one input, as
+    do gate/up (`model.FUSED_GROUPS`), so they share one Hessian."""
+    keys = {}
+    for name in names:
+        group = next((g for g in FUSED_GROUPS.values() if name in g), (name,))
+        keys[name] = next(n for n in names if n in group)
+    return keys
+
+
 def _collect_hessians(block: nn.Module, members: dict[str, nn.Linear],
                       inputs: list[BlockInputs]) -> dict[str, torch.Tensor]:
-    """Run the block over all calibration inputs and accumulate each member's input Hessian [K, K]."""
-    state = {name: (make_empty_hessian(linear.in_features), 0) for name, linear in members.items()}
+    """Run the block over all calibration inputs and accumulate each member's input Hessian [K, K]; members
+    that read the same input get the same tensor (one accumulation, one copy in memory)."""
+    keys = shared_input_keys(list(members))
+    readers = {key: members[key] for key in set(keys.values())}
+    state = {name: (make_empty_hessian(linear.in_features, linear.weight.device), 0)
+             for name, linear in readers.items()}
 
     def on_input(name: str, x: torch.Tensor) -> None:
         hessian, n_seen = state[name]
         state[name] = accumulate_hessian(hessian, n_seen, x)
 
-    with linear_input_hooks(members, on_input):
+    with linear_input_hooks(readers, on_input):
         for x in inputs:
             run_block(block, x)
-    return {name: hessian for name, (hessian, _) in state.items()}
+    return {name: state[key][0] for name, key in keys.items()}
 
 
 def _apply(block: nn.Module, prefix: str, tensors: dict[str, QuantizedTensor]) -> None:

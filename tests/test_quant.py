@@ -130,3 +130,46 @@ def test_gptq_beats_rtn_on_smollm2_layer(smollm2):
         gptq, _ = quantize_weight(weight, hessian, spec)
         rtn = quantize_rtn(weight, spec)
         assert _output_error(weight, gptq.dequantize(), held_out) < _output_error(weight, rtn.dequantize(), held_out)
+
+
+def test_gptq_damps_more_with_a_warning_when_the_hessian_is_indefinite():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 32)
+    hessian = torch.eye(32)
+    hessian[5, 5] = -0.01  # mean diagonal ~0.97: damping 0.01 x that leaves it indefinite, 0.1 x does not
+    with pytest.warns(RuntimeWarning, match="damping 0.1"):
+        qt, _ = quantize_weight(weight, hessian, QuantSpec(4, 32, True))
+    assert torch.isfinite(qt.dequantize()).all()
+
+
+def test_gptq_refuses_a_hessian_no_damping_can_factor():
+    from tasa_deploy import TasaError
+
+    hessian = -torch.eye(32)  # negative mean diagonal: relative damping only makes it worse
+    with pytest.raises(TasaError, match="not positive definite"):
+        quantize_weight(torch.randn(4, 32), hessian, QuantSpec(4, 32, True))
+
+
+def test_modules_reading_one_input_share_one_hessian(smollm2):
+    from tasa_deploy.capture import capture_block_inputs
+    from tasa_deploy.model import block_linears, decoder_blocks
+    from tasa_deploy.quantize import _collect_hessians, shared_input_keys
+
+    assert shared_input_keys(["self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]) == {
+        "self_attn.k_proj": "self_attn.k_proj", "self_attn.v_proj": "self_attn.k_proj",
+        "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj"}
+    model = smollm2.model
+    torch.manual_seed(0)
+    inputs = capture_block_inputs(model, [torch.randint(0, 1000, (2, 16))])
+    block = decoder_blocks(model)[0]
+    linears = block_linears(block)
+    hessians = _collect_hessians(block, linears, inputs)
+    assert hessians["self_attn.q_proj"] is hessians["self_attn.k_proj"] is hessians["self_attn.v_proj"]
+    assert hessians["mlp.gate_proj"] is hessians["mlp.up_proj"]
+    # the shared tensor is the Hessian of each reader's own input
+    captured = {}
+    from tasa_deploy.capture import linear_input_hooks, run_block
+    with linear_input_hooks({"v": linears["self_attn.v_proj"]}, lambda n, x: captured.setdefault(n, x)):
+        run_block(block, inputs[0])
+    ref, _ = accumulate_hessian(make_empty_hessian(captured["v"].shape[-1]), 0, captured["v"])
+    assert torch.allclose(hessians["self_attn.v_proj"], ref, rtol=1e-5, atol=1e-6)

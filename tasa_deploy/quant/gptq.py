@@ -12,15 +12,19 @@ already-updated weights (standard GPTQ); with act-order they are fitted up front
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from tasa_deploy import TasaError
 from tasa_deploy.quant.grids import get_grid
 from tasa_deploy.quant.spec import QuantSpec
 from tasa_deploy.quant.tensor import QuantizedTensor
 
 
-def make_empty_hessian(in_features: int) -> torch.Tensor:
-    return torch.zeros(in_features, in_features, dtype=torch.float32)
+def make_empty_hessian(in_features: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """H accumulates in float32 whatever the weight dtype (bf16 sums of x x^T lose the small directions)."""
+    return torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
 
 
 def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -31,17 +35,28 @@ def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor)
     return hessian * (n_seen / n_new) + x.T @ x, n_new
 
 
-def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening H by `damp` times its mean diagonal."""
-    h = hessian.clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
-    for attempt in range(5):
-        chol, info = torch.linalg.cholesky_ex(h)
-        if info == 0:
-            break
-        h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0]) * (10**attempt)  # ill-conditioned: damp more
-    h_inv = torch.cholesky_inverse(chol)
-    return torch.linalg.cholesky(h_inv, upper=True)
+def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, attempts: int = 5) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening H by `damp` times its mean diagonal.
+
+    An ill-conditioned H (too few calibration tokens, duplicated inputs) gets 10x more damping per failed
+    attempt, with a warning; after `attempts` failures the module cannot be GPTQ-quantized and TasaError says so.
+    A factor that failed is never used."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    scale = float(torch.mean(torch.diag(hessian)))
+    for attempt in range(attempts):
+        level = damp * 10**attempt
+        chol, info = torch.linalg.cholesky_ex(hessian + level * scale * eye)
+        if int(info) == 0:
+            if attempt:
+                warnings.warn(f"GPTQ: the Hessian needed damping {level:g} (asked {damp:g}) to factor; "
+                              "more calibration tokens would help", RuntimeWarning, stacklevel=3)
+            h_inv = torch.cholesky_inverse(chol)
+            chol_inv, info = torch.linalg.cholesky_ex(h_inv, upper=True)
+            if int(info) == 0:
+                return chol_inv
+    raise TasaError(f"GPTQ: the Hessian is not positive definite even with damping {damp * 10**(attempts - 1):g} "
+                    f"x its mean diagonal ({scale:.3g}); the calibration data may be degenerate "
+                    "(too few tokens or constant inputs); add calibration samples or use --quantizer rtn")
 
 
 def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
@@ -61,7 +76,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec
     static_params = grid.fit(w, spec) if act_order else None
     w, h = w[:, perm], h[perm][:, perm]
     h_inv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
     fitted: list = []
     total_error = 0.0
     for start in range(0, cols, block_size):
