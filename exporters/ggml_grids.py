@@ -37,7 +37,7 @@ def _round_half_away(values: torch.Tensor) -> torch.Tensor:
 
 def _expand(per_group: torch.Tensor, group: int, col_offset: int, n_cols: int) -> torch.Tensor:
     """Per-group values [N, G] -> per-column values [N, n_cols] for columns col_offset.. of the chunk."""
-    group_index = torch.arange(col_offset, col_offset + n_cols) // group  # [c]
+    group_index = torch.arange(col_offset, col_offset + n_cols, device=per_group.device) // group  # [c]
     return per_group[:, group_index]
 
 

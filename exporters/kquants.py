@@ -49,7 +49,7 @@ def _search_affine(x: torch.Tensor, weights: torch.Tensor, cfg: KQuantSearch) ->
     """Best (scale >= 0, neg_min >= 0) per sub-block x [M, g] so that x ~ scale * q - neg_min, q in 0..nmax."""
     xmin = x.amin(dim=-1).clamp(max=0)  # [M]
     span = x.amax(dim=-1) - xmin  # [M]
-    steps = cfg.nmax + cfg.rmin + cfg.rdelta * torch.arange(cfg.nstep + 1, dtype=torch.float32)  # [S]
+    steps = cfg.nmax + cfg.rmin + cfg.rdelta * torch.arange(cfg.nstep + 1, dtype=torch.float32, device=x.device)  # [S]
     iscale = steps[:, None] / span.clamp(min=1e-30)[None, :]  # [S, M]
     levels = iscale[..., None] * (x - xmin[:, None])[None]  # [S, M, g], rounded in place below
     levels.round_().clamp_(0, cfg.nmax)
@@ -79,7 +79,7 @@ def _search_affine(x: torch.Tensor, weights: torch.Tensor, cfg: KQuantSearch) ->
 def _search_symmetric(x: torch.Tensor, weights: torch.Tensor, cfg: KQuantSearch) -> torch.Tensor:
     """Best signed scale per sub-block x [M, g] so that x ~ scale * q, q in -nmax..nmax-1."""
     extreme = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))[:, 0]  # [M] signed value of max |x|
-    steps = cfg.nmax + 0.1 * torch.arange(-9, 10, dtype=torch.float32)  # [S]
+    steps = cfg.nmax + 0.1 * torch.arange(-9, 10, dtype=torch.float32, device=x.device)  # [S]
     safe_extreme = torch.where(extreme == 0, torch.ones_like(extreme), extreme)
     iscale = -steps[:, None] / safe_extreme[None, :]  # [S, M]
     levels = iscale[..., None] * x[None]  # [S, M, g], rounded in place below

@@ -70,6 +70,12 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on
 TaskDataOption = Annotated[Optional[list[str]], typer.Option(
     "--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); "
                         "repeatable; then name it in --tasks.")]
+DeviceOption = Annotated[Optional[str], typer.Option(
+    "--device", help="cpu | cuda | cuda:N (default: cuda when available). Weights stay on the host; one decoder "
+                     "block at a time is moved to the device.")]
+DtypeOption = Annotated[Optional[str], typer.Option(
+    "--dtype", help="Weight dtype: bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on the CPU). Hessians, Grams "
+                    "and losses accumulate in fp32/fp64 either way.")]
 ObjectiveLossOption = Annotated[str, typer.Option(
     "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
                              "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]
@@ -127,6 +133,8 @@ def quantize(
     work_dir: Annotated[Optional[Path], typer.Option(help="Stage artifacts (default: OUT.work); reruns resume from it.")] = None,
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Quantize with this tasa_plan.json (skips mix/profile/plan).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Run TASA (mix -> profile -> plan -> GPTQ) or a uniform quantization; write a quantized artifact."""
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
@@ -138,7 +146,7 @@ def quantize(
                               seed=seed, act_order=act_order, true_sequential=true_sequential,
                               probe_samples=probe_samples, probe_snr=probe_snr, max_probe_samples=max_probe_samples,
                               mix_samples=mix_samples, work_dir=work_dir,
-                              plan_path=plan_file, force=force)
+                              plan_path=plan_file, force=force, device=device, dtype=dtype)
 
     def on_block(index: int, total: int, resumed: bool) -> None:
         console.print(f"  block {index + 1}/{total} {'(resumed from checkpoint)' if resumed else 'quantized'}")
@@ -180,24 +188,29 @@ def mix(
     seed: Annotated[int, typer.Option()] = 0,
     draws: Annotated[int, typer.Option(help="Repeat the search on this many independent data draws: scores are averaged, their spread kept in mix.json.")] = 1,
     force: Annotated[bool, typer.Option("--force")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Search the calibration mixture (gradient alignment + Hessian-trace proxy); write mix.json."""
     from tasa_deploy import mix as mix_stage
+    from tasa_deploy.device import resolve_device, resolve_dtype
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest
 
     check_output(out, force=force)
-    sources = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), mix_samples=samples,
-                              seq_len=seq_len, seed=seed).task_sources
+    request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), mix_samples=samples,
+                              seq_len=seq_len, seed=seed, device=device, dtype=dtype)
+    sources, target_device = request.task_sources, resolve_device(device)
     try:
         grid = tuple(float(a) for a in _csv(alphas))
     except ValueError:
         raise UsageError(f"--alphas must be numbers, got '{alphas}'") from None
     if not grid or any(not 0.0 <= a <= 1.0 for a in grid):  # also refuses nan
         raise UsageError(f"--alphas must be numbers in [0, 1], got '{alphas}'")
-    loaded = load_model(model)
+    loaded = load_model(model, resolve_dtype(dtype, target_device))
     result = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=general, tasks=sources, alphas=grid,
-                                      n_samples=samples, seq_len=seq_len, seed=seed, draws=draws)
+                                      n_samples=samples, seq_len=seq_len, seed=seed, draws=draws,
+                                      device=target_device)
     result.save(out, force=force)
     out_console.print(_table("calibration mixtures (alpha = general share)", mix_stage.mix_table_rows(result)))
     out_console.print(f"chosen alpha = {result.alpha}; wrote {out}")
@@ -219,18 +232,21 @@ def profile(
     seed: Annotated[int, typer.Option()] = 0,
     top_k: Annotated[int, typer.Option(help="Show the k most sensitive layers per objective.")] = 5,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing profile written by tasa-deploy.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Measure per-layer, per-objective RTN sensitivity; write profile.json (resumes per layer)."""
     from tasa_deploy import plan as plan_stage
+    from tasa_deploy.device import resolve_device, resolve_dtype
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest, measure_request_profile
 
     request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), objective_loss=objective_loss,
                               target=target, candidates=_ints(candidates), probe_samples=probe_samples,
                               probe_snr=probe_snr, max_probe_samples=max_probe_samples, probe_seq_len=seq_len,
-                              seed=seed)
+                              seed=seed, device=device, dtype=dtype)
     check_output(out, force=force)
-    loaded = load_model(model)
+    loaded = load_model(model, resolve_dtype(dtype, resolve_device(device)))
     result = measure_request_profile(loaded, request, lambda n: out.with_name(f"{out.name}.partial.{n}"),
                                      lambda m: console.print(m))
     result.save(out, force=force)

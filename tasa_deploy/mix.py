@@ -46,6 +46,7 @@ from tasa_deploy.artifacts import CalibrationMix, MixScore
 from tasa_deploy.capture import linear_input_hooks
 from tasa_deploy.model import FUSED_GROUPS, block_prefix, decoder_blocks, model_fingerprint, quantizable_modules
 from tasa_deploy.quant.gptq import accumulate_hessian, make_empty_hessian
+from tasa_deploy.stream import stream_block_stats
 
 DEFAULT_TASKS = ("gsm8k", "arc_easy", "arc_challenge")
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -151,14 +152,16 @@ def mixture_gradient(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor], 
     return [alpha * g + (1.0 - alpha) * t for g, t in zip(gen, task)]
 
 
-def alignment_over_grid(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor], probe: Sequence[torch.Tensor],
-                        alphas: Sequence[float]) -> list[float]:
-    """Mean over blocks of cos(g_alpha, g_probe) for each alpha, from six dot products per block:
+def block_dots(g: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> tuple[float, ...]:
+    """The six dot products of one block's general, task and probe gradients [P_b] that every cosine on the
+    alpha grid needs: (<g,g>, <t,t>, <g,t>, <g,p>, <t,p>, <p,p>), in float64."""
+    g, t, p = g.double(), t.double(), p.double()
+    return tuple(float(v) for v in (g @ g, t @ t, g @ t, g @ p, t @ p, p @ p))
+
+
+def alignment_from_dots(dots: Sequence[tuple[float, ...]], alphas: Sequence[float]) -> list[float]:
+    """Mean over blocks of cos(g_alpha, g_probe) for each alpha, from each block's `block_dots`:
     <g_alpha, p> = a<g,p> + b<t,p>,  |g_alpha|^2 = a^2<g,g> + 2ab<g,t> + b^2<t,t>   (a = alpha, b = 1 - alpha)."""
-    dots = []
-    for g, t, p in zip(gen, task, probe):
-        g, t, p = g.double(), t.double(), p.double()  # [P_b]
-        dots.append((g @ g, t @ t, g @ t, g @ p, t @ p, p @ p))
     scores = []
     for a in alphas:
         b = 1.0 - a
@@ -168,9 +171,15 @@ def alignment_over_grid(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor
             if norm_sq <= 0 or pp <= 0:
                 raise TasaError(f"zero gradient at alpha={a}: the model's linear weights get no gradient; "
                                 "check that the model is trainable in float32")
-            cosines.append(float((a * gp + b * tp) / torch.sqrt(norm_sq * pp)))
+            cosines.append((a * gp + b * tp) / math.sqrt(norm_sq * pp))
         scores.append(sum(cosines) / len(cosines))
     return scores
+
+
+def alignment_over_grid(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor], probe: Sequence[torch.Tensor],
+                        alphas: Sequence[float]) -> list[float]:
+    """`alignment_from_dots` over per-block gradient lists."""
+    return alignment_from_dots([block_dots(g, t, p) for g, t, p in zip(gen, task, probe)], alphas)
 
 
 # ----------------------------------------------------------------------------------------- (b) Hessian trace
@@ -202,18 +211,50 @@ def data_span(h_gen: torch.Tensor, h_task: torch.Tensor, rel_tol: float = 1e-8) 
     return vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)]
 
 
-def hessian_trace_over_grid(test: dict[str, torch.Tensor], gen: dict[str, torch.Tensor],
-                            task: dict[str, torch.Tensor], alphas: Sequence[float], damp: float,
-                            data_tokens: int | None = None) -> list[float]:
-    """f(alpha) = sum over linear inputs of tr(H_test H_alpha^-1), for each alpha (one unit at a time, so
-    only one set of float64 copies is alive).
+def trace_spectrum(h_test: torch.Tensor, h_gen: torch.Tensor, h_task: torch.Tensor, damp: float,
+                   data_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One factorization of a linear input that serves every alpha: (c, lam) [r] with
+    f(alpha) = tr(H_test H_alpha^-1) = sum_i c_i / (alpha lam_i + 1 - alpha)   (`traces_from_spectrum`).
+
+    With A = damped(H_task) = L L^T and B = damped(H_gen): H_alpha = alpha B + (1 - alpha) A
+    = L V (alpha Lam + (1 - alpha) I) V^T L^T, where L^-1 B L^-T = V Lam V^T (a generalized symmetric
+    eigenproblem of (B, A); Lam > 0 since B is positive definite). So H_alpha^-1 = W (alpha Lam + 1 - alpha)^-1
+    W^T with W = L^-T V, and c = diag(W^T H_test W). One Cholesky + one eigh per input, however fine the grid.
 
     Rank-deficient inputs (data_tokens, the calibration tokens of both sources, below K): H_gen and H_task
     then vanish on every direction outside the data span S, so there H_alpha is only its damping and the
     full-space trace adds tr(P_perp H_test) / damping(alpha), a term set by the damping constant, not by the
     data, that would swamp the rest. The proxy is therefore taken inside S: every matrix is projected onto an
-    orthonormal basis U of S (`data_span`) and f_S(alpha) = tr(U'H_test U (U'H_alpha U)^-1), damping
-    relative to the projected diagonals. With full-rank data S is the whole space and f_S = f exactly."""
+    orthonormal basis U of S (`data_span`), damping relative to the projected diagonals. With full-rank data
+    S is the whole space and the result is the full-space trace exactly."""
+    if damp <= 0:
+        raise UsageError(f"damp must be > 0 (got {damp}); H_gen or H_task alone may be singular")
+    h_test, h_gen, h_task = h_test.double(), h_gen.double(), h_task.double()
+    if data_tokens is not None and data_tokens < h_test.shape[0]:
+        basis = data_span(h_gen, h_task)  # [K, r]
+        h_test, h_gen, h_task = (basis.T @ h @ basis for h in (h_test, h_gen, h_task))  # [r, r]
+    chol, info = torch.linalg.cholesky_ex(damped(h_task, damp))  # A = L L^T
+    if int(info) != 0:
+        raise TasaError("the damped task Gram matrix is not positive definite; raise damp")
+    inv_l = torch.linalg.solve_triangular(chol, torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device),
+                                          upper=False)  # L^-1
+    lam, vectors = torch.linalg.eigh(inv_l @ damped(h_gen, damp) @ inv_l.T)
+    if float(lam.min()) <= 0:
+        raise TasaError("the damped general Gram matrix is not positive definite; raise damp")
+    w = inv_l.T @ vectors  # [r, r]
+    c = torch.einsum("ki,kl,li->i", w, h_test, w)  # diag(W^T H_test W)
+    return c, lam
+
+
+def traces_from_spectrum(c: torch.Tensor, lam: torch.Tensor, alphas: Sequence[float]) -> list[float]:
+    return [float((c / (a * lam + (1.0 - a))).sum()) for a in alphas]
+
+
+def hessian_trace_over_grid(test: dict[str, torch.Tensor], gen: dict[str, torch.Tensor],
+                            task: dict[str, torch.Tensor], alphas: Sequence[float], damp: float,
+                            data_tokens: int | None = None) -> list[float]:
+    """f(alpha) = sum over linear inputs of tr(H_test H_alpha^-1), for each alpha (`trace_spectrum` per input,
+    one input at a time, so only one set of float64 copies is alive)."""
     if damp <= 0:
         raise UsageError(f"damp must be > 0 (got {damp}); H_gen or H_task alone may be singular")
     missing = sorted(set(test) ^ set(gen) | set(test) ^ set(task))
@@ -221,13 +262,8 @@ def hessian_trace_over_grid(test: dict[str, torch.Tensor], gen: dict[str, torch.
         raise TasaError(f"Gram matrices do not cover the same linear inputs: {missing[:3]}")
     totals = [0.0] * len(alphas)
     for name in test:
-        h_test, h_gen, h_task = test[name].double(), gen[name].double(), task[name].double()
-        if data_tokens is not None and data_tokens < h_test.shape[0]:
-            basis = data_span(h_gen, h_task)  # [K, r]
-            h_test, h_gen, h_task = (basis.T @ h @ basis for h in (h_test, h_gen, h_task))  # [r, r]
-        h_gen, h_task = damped(h_gen, damp), damped(h_task, damp)
-        for i, a in enumerate(alphas):
-            totals[i] += trace_of_inverse_product(h_test, a * h_gen + (1.0 - a) * h_task, a)
+        c, lam = trace_spectrum(test[name], gen[name], task[name], damp, data_tokens)
+        totals = [t + f for t, f in zip(totals, traces_from_spectrum(c, lam, alphas))]
     return totals
 
 
@@ -290,11 +326,13 @@ def _say(progress: bool, message: str) -> None:
 
 def search_mixture(model, tokenizer, *, general: str = "lambada", tasks: tuple[str, ...] = DEFAULT_TASKS,
                    alphas=DEFAULT_ALPHAS, n_samples: int = 16, seq_len: int = 256, seed: int = 0,
-                   damp: float = 0.01, progress: bool = True, draws: int = 1) -> CalibrationMix:
+                   damp: float = 0.01, progress: bool = True, draws: int = 1,
+                   device: torch.device | None = None) -> CalibrationMix:
     """Score every alpha on the grid by gradient alignment and the Hessian-trace proxy; pick alpha*.
 
-    Three gradient passes of `n_samples` x `seq_len` tokens (general calib, task calib, task probe) serve
-    the whole grid; the Gram matrices come from the same passes. With `draws` > 1 the search repeats on
+    Three token sets of `n_samples` x `seq_len` tokens (general calib, task calib, task probe) serve the whole
+    grid: `stream.stream_block_stats` walks the blocks one at a time, and each block's gradients and Gram
+    matrices are reduced to six dot products and one `trace_spectrum` per input before the next block. With `draws` > 1 the search repeats on
     independent data draws (seeds seed, seed + 2, ...): alpha* comes from the scores averaged over draws, and
     mix.json keeps every draw's scores with their standard deviation over draws (`settings["draws"]`)."""
     alphas = tuple(alphas)
@@ -305,7 +343,7 @@ def search_mixture(model, tokenizer, *, general: str = "lambada", tasks: tuple[s
     if draws < 1:
         raise UsageError(f"draws must be >= 1, got {draws}")
     per_draw = [_score_one_draw(model, tokenizer, general, tasks, alphas, n_samples, seq_len, seed + 2 * d, damp,
-                                progress) for d in range(draws)]
+                                progress, device) for d in range(draws)]
     alignments = [sum(d["alignments"][i] for d in per_draw) / draws for i in range(len(alphas))]
     traces = [sum(d["traces"][i] for d in per_draw) / draws for i in range(len(alphas))]
     scores = score_grid(alphas, alignments, traces)
@@ -328,28 +366,34 @@ def _sd(values: Sequence[float]) -> float:
 
 
 def _score_one_draw(model, tokenizer, general: str, tasks: tuple[str, ...], alphas: tuple[float, ...],
-                    n_samples: int, seq_len: int, seed: int, damp: float, progress: bool) -> dict:
+                    n_samples: int, seq_len: int, seed: int, damp: float, progress: bool,
+                    device: torch.device | None) -> dict:
     """Alignment and trace over the grid from one draw of general, task and probe rows (seeds seed, seed + 1)."""
     from tasa_deploy.data import token_batches
 
     sets = {"general": token_batches(tokenizer, general_texts(general), n_samples, seq_len, seed),
             "task": token_batches(tokenizer, task_texts(tasks, "calib"), n_samples, seq_len, seed),
             "probe": token_batches(tokenizer, task_texts(tasks, "probe"), n_samples, seq_len, seed + 1)}
-    stats, seconds = {}, {}
-    for name, tokens in sets.items():
-        start = time.perf_counter()
-        stats[name] = measure_source(model, tokens)
-        seconds[name] = round(time.perf_counter() - start, 2)
-        _say(progress, f"{name}: {tuple(tokens.shape)} tokens, loss {stats[name].loss:.4f}, {seconds[name]} s")
     start = time.perf_counter()
-    alignments = alignment_over_grid(stats["general"].block_grads, stats["task"].block_grads,
-                                     stats["probe"].block_grads, alphas)
-    traces = hessian_trace_over_grid(stats["probe"].grams, stats["general"].grams, stats["task"].grams,
-                                     alphas, damp, data_tokens=stats["general"].tokens + stats["task"].tokens)
-    seconds["scores"] = round(time.perf_counter() - start, 2)
+    losses: dict[str, float] = {}
+    dots, traces, units = [], [0.0] * len(alphas), 0
+    data_tokens = sets["general"].numel() + sets["task"].numel()
+    for block in stream_block_stats(model, sets, device=device, losses=losses):
+        if block.index == len(decoder_blocks(model)) - 1:
+            _say(progress, "forward done: losses " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        dots.append(block_dots(block.grads["general"], block.grads["task"], block.grads["probe"]))
+        for group in block.grams["probe"]:
+            c, lam = trace_spectrum(block.grams["probe"][group], block.grams["general"][group],
+                                    block.grams["task"][group], damp, data_tokens)
+            traces = [t + f for t, f in zip(traces, traces_from_spectrum(c, lam, alphas))]
+            units += 1
+        del block  # one block's gradients and Grams at a time
+    alignments = alignment_from_dots(dots[::-1], alphas)
+    seconds = {"streamed": round(time.perf_counter() - start, 2)}
+    _say(progress, f"scored {len(dots)} blocks, {units} linear inputs in {seconds['streamed']} s")
     return {"seed": seed, "alignments": alignments, "traces": traces, "seconds": seconds,
             "alpha_star": choose_alpha(score_grid(alphas, alignments, traces)),
-            "losses": {k: s.loss for k, s in stats.items()}, "linear_inputs": len(stats["probe"].grams)}
+            "losses": losses, "linear_inputs": units}
 
 
 def mixture_token_batches(mix: CalibrationMix, tokenizer, n_samples: int, seq_len: int,

@@ -344,10 +344,10 @@ def scored_loss_sums(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: 
         part = slice(start, start + chunk)
         logits = logits_fn(hidden[rows[part], cols[part]])  # [p, V]
         if reference is None:
-            losses = -torch.log_softmax(logits.float(), dim=-1).gather(1, targets[part, None])[:, 0]  # [p]
+            losses = -torch.log_softmax(logits.float(), dim=-1).gather(1, targets[part, None].to(logits.device))[:, 0]
         else:
             losses = next_token_kl(logits_fn(reference[part]), logits)  # [p]
-        sums.index_add_(0, rows[part], losses.double())
+        sums.index_add_(0, rows[part], losses.double().cpu())  # reduced on the host, whatever the device
     return sums
 
 

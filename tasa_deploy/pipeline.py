@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from tasa_deploy import UsageError
+from tasa_deploy.device import resolve_device, resolve_dtype
 from tasa_deploy.artifacts import BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers
 from tasa_deploy.quantized_dir import save_artifact
 from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
@@ -66,6 +67,8 @@ class QuantizeRequest:
     work_dir: Path | None = None
     plan_path: Path | None = None  # quantize with this tasa_plan.json instead of running mix/profile/plan
     force: bool = False
+    device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available); blocks onload one at a time
+    dtype: str | None = None  # bf16 | fp16 | fp32 weights (None: bf16 on CUDA, fp32 on the CPU)
 
     def __post_init__(self) -> None:
         if self.method not in ("tasa", "uniform"):
@@ -104,6 +107,7 @@ class QuantizeRequest:
                 raise UsageError(f"--{name.replace('_', '-')} must be in 1..{1 << 20}, got {getattr(self, name)}")
         if not 0 <= self.seed < 1 << 32:
             raise UsageError(f"--seed must be in 0..{(1 << 32) - 1}, got {self.seed}")
+        resolve_dtype(self.dtype, resolve_device(self.device))  # one-line errors before any work
         if self.group_size is not None and self.group_size not in (*INT_GROUP_SIZES, -1):
             raise UsageError(f"group size must be one of {', '.join(map(str, INT_GROUP_SIZES))} or -1 "
                              f"(one scale per row), got {self.group_size}")
@@ -200,8 +204,12 @@ def settings_match(saved: dict, wanted: dict) -> bool:
 
 
 def request_to_json(request: QuantizeRequest) -> dict:
-    """The request as stored in the plan: output locations left out so identical runs give identical files."""
-    return {k: v for k, v in asdict(request).items() if k not in ("out", "work_dir", "force", "plan_path")}
+    """The request as stored in the plan: output locations (and the device, which changes float rounding only)
+    left out so identical runs give identical files."""
+    kept = {k: v for k, v in asdict(request).items() if k not in ("out", "work_dir", "force", "plan_path", "device")}
+    if kept["dtype"] is None:
+        del kept["dtype"]  # the default (fp32 on the CPU) leaves plans as they were before the option existed
+    return kept
 
 
 def stage_files(work_dir: Path, names: tuple[str, ...] = ("mix.json", "profile.json", "tasa_plan.png")
@@ -229,7 +237,8 @@ def stage_mix(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, w
     else:
         found = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=request.general,
                                          tasks=request.task_sources, n_samples=request.mix_samples,
-                                         seq_len=request.probe_seq_len * 2, seed=request.seed)
+                                         seq_len=request.probe_seq_len * 2, seed=request.seed,
+                                         device=resolve_device(request.device))
         mix = CalibrationMix(found.model_fingerprint or fingerprint, found.alpha, found.general, found.tasks,
                              tuple(MixScore(**vars(s)) if not isinstance(s, MixScore) else s for s in found.scores),
                              {**found.settings, "request": wanted})
@@ -272,7 +281,7 @@ def measure_request_profile(loaded: LoadedModel, request: QuantizeRequest, parti
     from tasa_deploy import profile as profile_stage
     from tasa_deploy.objectives import load_probe_set
 
-    kwargs = profile_kwargs(request)
+    kwargs = {**profile_kwargs(request), "device": resolve_device(request.device)}
     if request.probe_snr is None:
         return profile_stage.measure_profile(loaded.model, loaded.tokenizer, objectives=request.objectives,
                                              n_probe=request.probe_samples,
@@ -353,7 +362,8 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     times = StageTimes()
     _check_resources(request)
     check_calibration_sources(request)
-    loaded = times.run("load", load_model, request.model)
+    device = resolve_device(request.device)
+    loaded = times.run("load", load_model, request.model, resolve_dtype(request.dtype, device))
     fingerprint = times.run("fingerprint", model_fingerprint, loaded.model)
     work_dir = request.resolved_work_dir  # created only once there is something to keep in it
     mix = None
@@ -379,7 +389,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> t
     tokens = times.run("calibration data", calibration_tokens, loaded, request, mix)
     settings = GPTQSettings(act_order=request.act_order, true_sequential=request.true_sequential)
     modules = times.run("quantize", quantize_model, loaded.model, plan, tokens, settings=settings,
-                        resume_dir=work_dir / "gptq", on_block=on_block)
+                        resume_dir=work_dir / "gptq", on_block=on_block, device=device)
     tensors = unquantized_tensors(loaded.model, modules)
     times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
               tensors=tensors, force=request.force, inputs=request.inputs, extra_files=stage_files(work_dir))

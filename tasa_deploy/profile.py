@@ -50,6 +50,7 @@ from torch import nn
 
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import PLAN_TARGETS, SensitivityProfile, UnitSensitivity, read_json, write_json_atomic
+from tasa_deploy.device import onloaded, place_shell
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
 from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, block_linears, block_prefix, cache_root, decoder_blocks,
                                model_fingerprint)
@@ -169,9 +170,11 @@ def tail_losses(model: nn.Module, start: int, hidden: Sequence[BlockInputs], bat
     blocks, norm, logits_fn = decoder_blocks(model), _final_norm(model), output_logits_fn(model)
     sums: dict[str, list[torch.Tensor]] = {name: [] for name in probes}
     kept: list[torch.Tensor | None] = []
-    for i, (inputs, (name, index)) in enumerate(zip(hidden, batches, strict=True)):
-        for block in blocks[start:]:
-            inputs = next_block_inputs(block, inputs)
+    current = list(hidden)
+    for block in blocks[start:]:  # block-outer: each block is onloaded once for all batches
+        with onloaded(block, current[0].hidden_states.device):
+            current = [next_block_inputs(block, inputs) for inputs in current]
+    for i, (inputs, (name, index)) in enumerate(zip(current, batches, strict=True)):
         states = norm(inputs.hidden_states)  # [B, T, H]
         batch = probes[name].batches[index]
         kl = get_objective(name).score == "kl"
@@ -199,7 +202,7 @@ def advance_block(block: nn.Module, hidden: Sequence[BlockInputs], batches: Sequ
         gram[name] = gram[name] + rows.T @ rows if name in gram else rows.T @ rows
 
     outputs = []
-    with linear_input_hooks(readers, accumulate):
+    with linear_input_hooks(readers, accumulate), onloaded(block, hidden[0].hidden_states.device):
         for inputs, (name, index) in zip(hidden, batches, strict=True):
             current.update(objective=name, mask=probes[name].batches[index].token_mask)
             counts[name] += int(current["mask"].sum())
@@ -224,13 +227,14 @@ def quantized_block_losses(model: nn.Module, layer: int, probe_bits: int, hidden
                            references: Sequence[torch.Tensor | None]) -> dict[str, RowLosses]:
     """Objective losses with only block `layer` RTN-fake-quantized at the probe width (weights restored after)."""
     block = decoder_blocks(model)[layer]
-    fake = {name: fake_quantize_rtn(linear.weight.data, probe_spec(linear.in_features, probe_bits))
-            for name, linear in block_linears(block).items()}
-    original = _replace_weights(block, fake)
-    try:
-        return tail_losses(model, layer, hidden, batches, probes, references)[0]
-    finally:
-        _replace_weights(block, original)
+    with onloaded(block, hidden[0].hidden_states.device):
+        fake = {name: fake_quantize_rtn(linear.weight.data, probe_spec(linear.in_features, probe_bits))
+                for name, linear in block_linears(block).items()}
+        original = _replace_weights(block, fake)
+        try:
+            return tail_losses(model, layer, hidden, batches, probes, references)[0]
+        finally:
+            _replace_weights(block, original)
 
 
 # ----------------------------------------------------------------------------------------- unit errors
@@ -338,7 +342,8 @@ def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path
     """Measure the blocks not yet in `state`, saving it atomically after each one."""
     settings, blocks = state["settings"], decoder_blocks(model)
     batches = [(name, i) for name in settings["objectives"] for i in range(len(probes[name].batches))]
-    hidden = capture_block_inputs(model, [probes[name].batches[i].tokens for name, i in batches])
+    device = next(_final_norm(model).parameters()).device  # measure_profile placed the shell there
+    hidden = capture_block_inputs(model, [probes[name].batches[i].tokens.to(device) for name, i in batches])
     references: list[torch.Tensor | None] = [None] * len(batches)
     if state["baselines"] is None or any(get_objective(o).score == "kl" for o in settings["objectives"]):
         baseline, references = tail_losses(model, 0, hidden, batches, probes)  # + the KL objectives' references
@@ -357,7 +362,9 @@ def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path
         for layer in range(start, len(blocks)):
             losses = quantized_block_losses(model, layer, settings["probe_bits"], hidden, batches, probes, references)
             hidden, grams = advance_block(blocks[layer], hidden, batches, probes)
-            units = layer_unit_shares(blocks[layer], block_units(model, layer, settings), settings["probe_bits"], grams)
+            with onloaded(blocks[layer], device):
+                units = layer_unit_shares(blocks[layer], block_units(model, layer, settings), settings["probe_bits"],
+                                          grams)
             state["layers"].append(layer_record(layer, state["baseline_rows"], losses, units))
             write_json_atomic(path, state)
             bar.advance(task)
@@ -370,9 +377,12 @@ def measure_profile(model: nn.Module, tokenizer, *, objectives: Sequence[str] = 
                     n_probe: int = 32, seq_len: int = 256, seed: int = 0, partial_path: Path | None = None,
                     progress: bool = True, gguf_types: Iterable[str] | None = None,
                     probes: dict[str, ProbeSet] | None = None,
-                    on_layer: Callable[[int], None] | None = None) -> SensitivityProfile:
+                    on_layer: Callable[[int], None] | None = None,
+                    device: torch.device | None = None) -> SensitivityProfile:
     """Measure (or reuse / resume) the TASA sensitivity profile of `model`.
 
+    device: where blocks run, onloaded one at a time (default: where the model is); results are reduced on
+    the host, and the state file does not depend on the device.
     partial_path: the resumable state file; None -> $TASA_CACHE/profiles/<hash of model, data, settings>.json.
     probes: ready probe sets by objective (default: `objectives.load_probe_set` from the data registry).
     on_layer: called with each block index after its result is saved (progress hooks, tests).
@@ -396,6 +406,7 @@ def measure_profile(model: nn.Module, tokenizer, *, objectives: Sequence[str] = 
                       "settings": settings, "probe_data": _probe_summary(probes), "baselines": None,
                       "baseline_rows": None, "layers": []}
     if len(state["layers"]) < len(decoder_blocks(model)):
+        place_shell(model, device or next(model.parameters()).device)
         _run_layers(model, state, probes, path, progress, on_layer, notice)
     return profile_from_state(state)
 

@@ -28,6 +28,7 @@ from torch import nn
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import BitPlan
 from tasa_deploy.outputs import TAG, atomic_path
+from tasa_deploy.device import onloaded, place_shell
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs, run_block
 from tasa_deploy.model import FUSED_GROUPS, block_linears, block_prefix, decoder_blocks, quantizable_modules
 from tasa_deploy.quant import QuantizedTensor, accumulate_hessian, make_empty_hessian, quantize_rtn, quantize_weight
@@ -47,11 +48,15 @@ class GPTQSettings:
 @torch.no_grad()
 def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Tensor, *,
                    settings: GPTQSettings = GPTQSettings(), resume_dir: Path | None = None,
-                   on_block: BlockCallback | None = None) -> dict[str, QuantizedTensor]:
+                   on_block: BlockCallback | None = None,
+                   device: torch.device | None = None) -> dict[str, QuantizedTensor]:
     """Quantize every planned module of `model` in place (weights replaced by their dequantized values) and
-    return the quantized tensors by HF module name. calibration_tokens: [n, T] int64."""
+    return the quantized tensors (on the host) by HF module name. calibration_tokens: [n, T] int64.
+    `device`: where blocks are worked on, one at a time (`device.onloaded`); default: where the model is."""
     _check_plan_covers_model(model, plan)
-    batches = list(calibration_tokens.split(settings.batch_size))
+    device = device or next(model.parameters()).device
+    place_shell(model, device)
+    batches = [chunk.to(device) for chunk in calibration_tokens.split(settings.batch_size)]
     inputs = capture_block_inputs(model, batches)
     blocks = decoder_blocks(model)
     resume_key = _resume_key(plan, calibration_tokens, settings)
@@ -59,15 +64,17 @@ def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Te
     for index, block in enumerate(blocks):
         prefix = block_prefix(model, index)
         saved = _load_block(resume_dir, index, resume_key) if resume_dir else None
-        if saved is None:
-            block_result = _quantize_block(block, prefix, inputs, plan, settings)
-            if resume_dir:
-                _save_block(resume_dir, index, resume_key, block_result)
-        else:
-            block_result = saved
-            _apply(block, prefix, block_result)
-        quantized.update(block_result)
-        inputs = [next_block_inputs(block, x) for x in inputs]
+        with onloaded(block, device):
+            if saved is None:
+                block_result = {k: qt.to("cpu") for k, qt in _quantize_block(block, prefix, inputs, plan,
+                                                                             settings).items()}
+                if resume_dir:
+                    _save_block(resume_dir, index, resume_key, block_result)
+            else:
+                block_result = saved
+                _apply(block, prefix, block_result)
+            quantized.update(block_result)
+            inputs = [next_block_inputs(block, x) for x in inputs]
         if on_block:
             on_block(index, len(blocks), saved is not None)
     return quantized
@@ -134,7 +141,7 @@ def _apply(block: nn.Module, prefix: str, tensors: dict[str, QuantizedTensor]) -
     linears = block_linears(block)
     for full_name, qt in tensors.items():
         linear = linears[full_name[len(prefix) + 1:]]
-        linear.weight.copy_(qt.dequantize(linear.weight.dtype))
+        linear.weight.copy_(qt.to(linear.weight.device).dequantize(linear.weight.dtype))
 
 
 def _check_plan_covers_model(model: nn.Module, plan: BitPlan) -> None:

@@ -72,7 +72,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=h.device)
     static_params = grid.fit(w, spec) if act_order else None
     w, h = w[:, perm], h[perm][:, perm]
     h_inv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper

@@ -60,7 +60,7 @@ class IntGrid:
         return {"scales": scales, "zeros": zeros}
 
     def _column_params(self, params: Params, spec: QuantSpec, n_cols: int, col_offset: int):
-        columns = torch.arange(col_offset, col_offset + n_cols)
+        columns = torch.arange(col_offset, col_offset + n_cols, device=params["scales"].device)
         group_index = columns // spec.group_size if spec.group_size != -1 else columns * 0  # [c]
         scales = params["scales"].float()[:, group_index]  # [N, c]
         if spec.symmetric:
@@ -83,7 +83,7 @@ class IntGrid:
         rows, cols = qt.codes.shape
         groups = qt.scales.shape[1]
         codes = qt.codes.float().reshape(rows, groups, cols // groups)  # [N, G, g]
-        zeros = qt.zeros.float() if qt.zeros is not None else torch.full((rows, groups), 2.0 ** (qt.bits - 1))
+        zeros = qt.zeros.float() if qt.zeros is not None else torch.full((rows, groups), 2.0 ** (qt.bits - 1), device=qt.codes.device)
         return ((codes - zeros[..., None]) * qt.scales.float()[..., None]).reshape(rows, cols)
 
 

@@ -11,7 +11,7 @@ were written as bfloat16 decodes to garbage without any error, so it is refused 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch
@@ -43,6 +43,13 @@ class QuantizedTensor:
         from tasa_deploy.quant.grids import get_grid
 
         return get_grid(self.fmt).dequantize(self).to(dtype)
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        """The same tensor with every component on `device` (GPTQ works on the compute device; the host keeps
+        the results)."""
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device),
+                       zeros=None if self.zeros is None else self.zeros.to(device),
+                       extra={k: v.to(device) for k, v in self.extra.items()})
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat tensor dict for safetensors: `{prefix}.codes`, `.scales`, `.zeros`, `.extra.<name>`."""
