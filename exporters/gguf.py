@@ -168,12 +168,12 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
     the quantized modules). 2-D dense tensors are stored as `embedding_type`, others as f32."""
     arch, _ = gguf_architecture(config)
     name_map = gguf.get_tensor_name_map(arch, int(config["num_hidden_layers"]))
-    out, warnings, n_weights, n_bits = {}, [], 0, 0
+    out, rerounded, n_weights, n_bits = {}, [], 0, 0
     for module, qt in modules.items():
         gguf_name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if gguf_name is None:
             raise UsageError(f"module {module} has no GGUF tensor name for {arch.name.lower()}")
-        qt = _to_ggml_grid(module, qt, type_map, warnings)
+        qt = _to_ggml_grid(module, qt, type_map, rerounded)
         if (heads := _qk_heads(config, f"{module}.weight")) is not None:
             qt = permute_rows(qt, rotary_row_order(qt.shape[0], heads))
         data = pack_quantized(qt)  # [N, bytes per row]
@@ -192,7 +192,19 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
             out[gguf_name] = _dense_tensor(tensor, embedding_type)
         else:
             out[gguf_name] = (tensor.float().numpy(), FLOAT_TYPES["f32"])
-    return out, warnings, n_bits / max(n_weights, 1)
+    return out, _summarize_rerounding(rerounded), n_bits / max(n_weights, 1)
+
+
+def _summarize_rerounding(notes: list[str]) -> list[str]:
+    """One warning for every int-grid module re-rounded onto a GGML type (was one line per module)."""
+    if not notes:
+        return []
+    types = Counter(note.split(" onto ")[1].split(" ")[0] for note in notes)
+    fallbacks = sum("cannot take" in note for note in notes)
+    return [f"re-rounded {len(notes)} int-grid modules onto GGML types ("
+            + ", ".join(f"{t} x{n}" for t, n in sorted(types.items())) + ") from their dequantized weights, lossy"
+            + (f"; {fallbacks} of them fell back to a block-32 type (row length)" if fallbacks else "")
+            + f"; e.g. {notes[0]}"]
 
 
 def expected_gguf_names(config: Mapping) -> set[str]:

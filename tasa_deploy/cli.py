@@ -352,9 +352,15 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="model.gguf (gguf) or a directory (vllm).")],
     format: Annotated[str, typer.Option("--format", help="gguf | vllm")] = "gguf",
     via: Annotated[Optional[str], typer.Option(help="gguf only: 'llama-quantize' uses llama.cpp's own quantizer.")] = None,
+    re_round: Annotated[bool, typer.Option("--re-round", help="gguf only: round int-grid modules onto GGML types "
+                                           "from their dequantized weights (fast, lossy) instead of re-running GPTQ.")] = False,
+    device: DeviceOption = None,
     force: Annotated[bool, typer.Option("--force")] = False,
 ) -> None:
-    """Export a quantized artifact for llama.cpp (GGUF) or vLLM (compressed-tensors)."""
+    """Export a quantized artifact for llama.cpp (GGUF) or vLLM (compressed-tensors).
+
+    GGUF of an int-grid artifact (the default `quantize` target): GPTQ runs again onto the GGML grids from the
+    artifact's own base model, plan and calibration mixture, so no second rounding is stacked on the first."""
     if format not in ("gguf", "vllm"):
         raise UsageError(f"unknown export format '{format}'; use --format gguf|vllm")
     if via not in (None, "llama-quantize") or (via and format != "gguf"):
@@ -368,12 +374,37 @@ def export(
     elif via == "llama-quantize":
         report = _export_via_llama_quantize(artifact, out, force)
     else:
-        from tasa_deploy.exporters.gguf import export_gguf
-
-        report = export_gguf(artifact, out, force=force)
+        report = _export_gguf(artifact, out, re_round, device, force)
     for warning in getattr(report, "warnings", ()) or ():
         console.print(f"[yellow]warning:[/] {warning}")
     out_console.print(f"wrote {out}")
+
+
+def _export_gguf(artifact: Path, out: Path, re_round: bool, device: str | None, force: bool):
+    """GGUF export; an int-grid artifact is re-quantized with GPTQ onto the GGML grids first (unless re_round)."""
+    import shutil
+    import tempfile
+    import time
+
+    from tasa_deploy.exporters.gguf import export_gguf
+    from tasa_deploy.quantized_dir import load_artifact
+    from tasa_deploy.requantize import needs_requantize, requantize_for_gguf
+
+    if re_round or not needs_requantize(load_artifact(artifact)):
+        return export_gguf(artifact, out, force=force)
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=".tasa-regguf-", dir=out.resolve().parent))
+    try:
+        console.print(f"re-quantizing {artifact} onto GGML grids with GPTQ (its base model, plan and calibration "
+                      "mix); --re-round skips this (lossy)")
+        regridded, summary = requantize_for_gguf(artifact, work, log=lambda m: None, device=device)
+        report = export_gguf(regridded, out, force=force)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    plan = summary["plan"]
+    console.print(f"re-quantized {len(plan.modules)} modules with GPTQ onto GGML types ({plan.average_bits:.3f} "
+                  f"bpw) in {time.perf_counter() - start:.0f} s")
+    return report
 
 
 def _export_via_llama_quantize(artifact: Path, out: Path, force: bool):
