@@ -74,3 +74,24 @@ def test_streamed_statistics_on_cuda_match_the_cpu(sources):
     for index, block in cpu.items():
         for name in sources:
             torch.testing.assert_close(gpu[index].grads[name].cpu(), block.grads[name], rtol=1e-3, atol=1e-6)
+
+
+def test_randomized_data_span_equals_the_full_eigendecomposition():
+    """Few tokens, wide input: the range finder's basis spans the same space, so the restricted traces agree."""
+    rng = torch.Generator().manual_seed(7)
+    k, n = 300, 20
+    gen = torch.randn(n, k, generator=rng, dtype=torch.float64) * torch.linspace(0.1, 3, k, dtype=torch.float64)
+    task = torch.randn(n, k, generator=rng, dtype=torch.float64)
+    h_gen, h_task = _gram(gen), _gram(task)
+    full = mix.data_span(h_gen, h_task)
+    fast = mix.data_span(h_gen, h_task, rank_bound=2 * n)
+    assert full.shape == fast.shape == (k, 2 * n)
+    torch.testing.assert_close(fast @ fast.T, full @ full.T, rtol=0, atol=1e-8)  # same projector
+    h_test = _gram(torch.randn(n, k, generator=rng, dtype=torch.float64) + 0.5)
+    alphas = [0.0, 0.3, 1.0]
+    direct = []
+    for a in alphas:
+        p = [full.T @ h @ full for h in (h_test, h_gen, h_task)]
+        direct.append(mix.hessian_trace_proxy(*p, a, 0.01))
+    assert mix.traces_from_spectrum(*mix.trace_spectrum(h_test, h_gen, h_task, 0.01, 2 * n), alphas) == \
+        pytest.approx(direct, rel=1e-8)
