@@ -51,6 +51,7 @@ from torch import nn
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import PLAN_TARGETS, SensitivityProfile, UnitSensitivity, read_json, write_json_atomic
 from tasa_deploy.device import onloaded, place_shell
+from tasa_deploy.moments import SecondMoment
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
 from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, block_linears, block_prefix, cache_root, decoder_blocks,
                                model_fingerprint)
@@ -189,25 +190,21 @@ def tail_losses(model: nn.Module, start: int, hidden: Sequence[BlockInputs], bat
 @torch.no_grad()
 def advance_block(block: nn.Module, hidden: Sequence[BlockInputs], batches: Sequence[tuple[str, int]],
                   probes: dict[str, ProbeSet]) -> tuple[list[BlockInputs], dict[str, dict[str, torch.Tensor]]]:
-    """Run one full-precision block on every batch: its outputs, and per objective the Gram matrix
-    H = X^T X / n [K, K] of each distinct linear input over real tokens (keyed by the reading module)."""
+    """Run one full-precision block on every batch: its outputs, and per objective the second moment
+    H = X^T X / n of each distinct linear input over real tokens (keyed by the reading module; `SecondMoment`
+    keeps it as rows while there are fewer than K)."""
     readers = {name: linear for name, linear in block_linears(block).items() if name not in SHARED_INPUT}
-    grams = {obj: {} for obj in probes}
-    counts = {obj: 0 for obj in probes}
+    grams = {obj: {name: SecondMoment(linear.in_features) for name, linear in readers.items()} for obj in probes}
     current: dict = {}
 
     def accumulate(name: str, x: torch.Tensor) -> None:
-        rows = x[current["mask"]].float()  # [n, K]
-        gram = grams[current["objective"]]
-        gram[name] = gram[name] + rows.T @ rows if name in gram else rows.T @ rows
+        grams[current["objective"]][name].add(x[current["mask"]])  # [n, K] real tokens
 
     outputs = []
     with linear_input_hooks(readers, accumulate), onloaded(block, hidden[0].hidden_states.device):
         for inputs, (name, index) in zip(hidden, batches, strict=True):
             current.update(objective=name, mask=probes[name].batches[index].token_mask)
-            counts[name] += int(current["mask"].sum())
             outputs.append(next_block_inputs(block, inputs))
-    grams = {obj: {m: g / max(counts[obj], 1) for m, g in per.items()} for obj, per in grams.items()}
     return outputs, grams
 
 
@@ -239,18 +236,18 @@ def quantized_block_losses(model: nn.Module, layer: int, probe_bits: int, hidden
 
 # ----------------------------------------------------------------------------------------- unit errors
 def output_error_energies(weight: torch.Tensor, specs: dict[str, QuantSpec],
-                          grams: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """E[key][objective] = tr(dW H dW^T) for dW = W - RTN_spec(W) (weight [N, K], each H [K, K] float32)."""
+                          grams: dict[str, SecondMoment]) -> dict[str, dict[str, float]]:
+    """E[key][objective] = tr(dW H dW^T) for dW = W - RTN_spec(W) (weight [N, K]; H of each objective)."""
     energies = {}
     for key, spec in specs.items():
         delta = weight.float() - fake_quantize_rtn(weight, spec).float()  # [N, K]
-        outer = delta.T @ delta  # [K, K]
-        energies[key] = {obj: float((gram * outer).sum(dtype=torch.float64)) for obj, gram in grams.items()}
+        outer = delta.T @ delta if any(g.gram is not None for g in grams.values()) else None  # [K, K], shared
+        energies[key] = {obj: gram.energy(delta, outer) for obj, gram in grams.items()}
     return energies
 
 
 def unit_energies(block: nn.Module, unit: UnitLayout, keys: Iterable[str],
-                  grams: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+                  grams: dict[str, dict[str, SecondMoment]]) -> dict[str, dict[str, float]]:
     """E_k(unit, key) summed over the unit's modules: key -> objective -> energy."""
     linears = block_linears(block)
     specs = {key: QuantSpec.from_key(key) for key in sorted(set(keys))}
@@ -264,7 +261,7 @@ def unit_energies(block: nn.Module, unit: UnitLayout, keys: Iterable[str],
 
 
 def layer_unit_shares(block: nn.Module, units: Sequence[UnitLayout], probe_bits: int,
-                      grams: dict[str, dict[str, torch.Tensor]]) -> list[dict]:
+                      grams: dict[str, dict[str, SecondMoment]]) -> list[dict]:
     """JSON-shaped unit rows of one block with `shares`: E_k(u, c) / sum_u' E_k(u', probe spec), the part of
     the block's measured delta each (unit, candidate) is charged (see the module docstring)."""
     probe_keys = [probe_spec(unit.in_features, probe_bits).key for unit in units]

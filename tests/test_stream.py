@@ -95,3 +95,21 @@ def test_randomized_data_span_equals_the_full_eigendecomposition():
         direct.append(mix.hessian_trace_proxy(*p, a, 0.01))
     assert mix.traces_from_spectrum(*mix.trace_spectrum(h_test, h_gen, h_task, 0.01, 2 * n), alphas) == \
         pytest.approx(direct, rel=1e-8)
+
+
+@pytest.mark.parametrize("n_rows", [10, 30, 200])  # rows form, the switch to the Gram mid-way, Gram form
+def test_second_moment_energy_equals_the_trace_with_the_gram(n_rows):
+    from tasa_deploy.moments import SecondMoment
+
+    rng = torch.Generator().manual_seed(n_rows)
+    k = 48
+    x = torch.randn(n_rows, k, generator=rng)
+    moment = SecondMoment(k)
+    for chunk in x.split(7):
+        moment.add(chunk)
+    h = (x.double().T @ x.double()) / n_rows
+    torch.testing.assert_close(moment.matrix().double(), h, rtol=1e-5, atol=1e-6)
+    assert (moment.gram is None) == (n_rows <= k)
+    delta = torch.randn(16, k, generator=rng)
+    expected = float(torch.trace(delta.double() @ h @ delta.double().T))
+    assert moment.energy(delta) == pytest.approx(expected, rel=1e-5)
