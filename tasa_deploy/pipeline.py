@@ -337,12 +337,19 @@ def check_calibration_sources(request: QuantizeRequest) -> None:
 
 def _check_resources(request: QuantizeRequest) -> None:
     from tasa_deploy.model import check_architecture, load_config, resolve_model_dir
-    from tasa_deploy.resources import check_memory, estimate_quantize_memory
+    from tasa_deploy.resources import check_memory, estimate_stages, weights_bytes
 
     config = load_config(resolve_model_dir(request.model), request.model)
     check_architecture(config)
-    check_memory(estimate_quantize_memory(getattr(config, "text_config", config), request.calib_samples,
-                                          request.seq_len))
+    element = torch.empty(0, dtype=resolve_dtype(request.dtype, resolve_device(request.device))).element_size()
+    stages = estimate_stages(config, calib_rows=request.calib_samples, seq_len=request.seq_len,
+                             mix_rows=request.mix_samples, mix_seq_len=request.probe_seq_len * 2,
+                             probe_rows=request.max_probe_samples if request.probe_snr else request.probe_samples,
+                             probe_seq_len=request.probe_seq_len, objectives=len(request.objectives),
+                             weight_bytes=element)
+    if request.method != "tasa" or request.plan_path is not None:
+        stages = {"gptq": stages["gptq"]}
+    check_memory(weights_bytes(config, element), stages)
 
 
 def unquantized_tensors(model: torch.nn.Module, modules: dict) -> dict[str, torch.Tensor]:

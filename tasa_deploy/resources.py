@@ -1,45 +1,120 @@
-"""Up-front resource checks: refuse a run that cannot fit in memory before spending hours on it.
+"""Up-front resource checks: one memory estimator for every stage, host and device, so a run that cannot fit is
+refused before it spends hours (with the estimate and the option that lowers it).
 
-The estimate is deliberately simple and errs high: fp32 weights loaded once, the calibration activations of
-one block boundary (kept for all calibration rows, as sequential GPTQ does), one Hessian per linear of a
-block, and the attention scores of one forward batch.
+Each stage's working memory is written out part by part from the model's shapes and the run's settings
+(`estimate_stages`); the biggest part names the knob. Weights live on the host (at the run's dtype); with a
+CUDA device the block being worked on, its activations and accumulators are on the device and the host keeps
+the weights and the results. The formulas follow the code:
+  mix     `stream.stream_block_stats` + `mix.trace_spectrum`: boundary states (spilled to disk past 2 GiB),
+          three sources' gradients and Grams of one block, the float64 spectrum of the widest input.
+  profile `profile._run_layers`: every probe batch's hidden states (current + next block), per-objective
+          second moments (`moments.SecondMoment`), one block's fake-quantized weights, logits in chunks of 512.
+  gptq    `quantize.quantize_model`: calibration activations in and out of one block, one Hessian per shared
+          input, GPTQ's float32 copies for the widest module, and the codes of every module made so far.
+Checked against measured peaks on Llama-3-8B / 70B shapes by `benchmarks/scale.py` (estimate beside measure).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tasa_deploy import TasaError, UsageError
 
 GIB = 1024**3
+SPILL_BUDGET = 2 * GIB  # stream.stream_block_stats keeps boundary states in memory up to this
+OVERHEAD = 2 * GIB  # interpreter, libraries, tokenizer, allocator slack
+KNOBS = {"activations": "--calib-samples/--seq-len", "hessians": "a bigger machine (Hessians scale with width)",
+         "gptq_work": "a bigger machine (the widest module's Hessian inverse)", "codes": "a bigger machine",
+         "boundary": "--mix-samples", "grads": "a bigger machine", "grams": "a bigger machine",
+         "spectrum": "--mix-samples (fewer tokens than the width keeps the spectrum small)",
+         "hidden": "--probe-samples/--probe-seq-len", "moments": "--probe-samples/--probe-seq-len",
+         "logits": "a bigger machine", "block": "a bigger machine", "forward": "--calib-samples/--seq-len"}
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
-    weights: int  # bytes of fp32 weights
-    activations: int  # bytes of block-boundary activations for every calibration row
-    hessians: int  # bytes of the largest block's Hessians
-    attention: int  # bytes of one batch's attention scores
-    overhead: int = 2 * GIB  # interpreter, libraries, tokenizer, allocator slack
+class Shapes:
+    hidden: int
+    ffn: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config) -> "Shapes":
+        config = getattr(config, "text_config", config)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size, heads,
+                   getattr(config, "num_key_value_heads", None) or heads, head_dim,
+                   bool(getattr(config, "tie_word_embeddings", False)))
+
+    @property
+    def block_params(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * h * q + 2 * h * kv + 3 * h * self.ffn
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def gram_floats(self) -> int:
+        """One Gram per shared input of a block: qkv and gate_up (hidden), o (heads x head_dim), down (ffn)."""
+        return 2 * self.hidden**2 + (self.heads * self.head_dim) ** 2 + self.ffn**2
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    stage: str
+    parts: dict[str, int] = field(default_factory=dict)  # working memory by part, bytes
 
     @property
     def total(self) -> int:
-        return self.weights + 2 * self.activations + self.hessians + self.attention + self.overhead
+        return sum(self.parts.values())
+
+    @property
+    def largest(self) -> str:
+        return max(self.parts, key=self.parts.get)
 
 
-def estimate_quantize_memory(config, n_rows: int, seq_len: int, batch_size: int = 8) -> MemoryEstimate:
-    """Peak memory of `quantize` for an HF config (LLaMA-family fields)."""
-    hidden = config.hidden_size
-    inter = config.intermediate_size
-    layers = config.num_hidden_layers
-    vocab = config.vocab_size
-    per_block = 4 * hidden * hidden + 3 * hidden * inter  # q,k,v,o (upper bound) + gate,up,down
-    params = layers * per_block + vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    heads = getattr(config, "num_attention_heads", 1)
-    return MemoryEstimate(weights=4 * params, activations=4 * n_rows * seq_len * hidden,
-                          hessians=4 * (4 * hidden * hidden + inter * inter),
-                          attention=4 * batch_size * heads * seq_len * seq_len + 4 * batch_size * seq_len * vocab)
+def estimate_stages(config, *, calib_rows: int, seq_len: int, mix_rows: int = 8, mix_seq_len: int = 256,
+                    probe_rows: int = 16, probe_seq_len: int = 128, objectives: int = 3, weight_bytes: int = 4,
+                    batch_size: int = 8) -> dict[str, StageEstimate]:
+    """Working memory (beyond the weights) of each stage for an HF config, part by part."""
+    s = Shapes.of(config)
+    h, f, widest = s.hidden, s.ffn, max(s.hidden, s.ffn, s.heads * s.head_dim)
+    forward = 4 * batch_size * seq_len * (3 * f + 4 * h) + 4 * batch_size * s.heads * seq_len**2
+    gptq = StageEstimate("gptq", {
+        "activations": 2 * calib_rows * seq_len * h * weight_bytes,
+        "hessians": 4 * s.gram_floats,
+        "gptq_work": 4 * (5 * widest**2 + 3 * h * widest),
+        "codes": s.layers * s.block_params * 2,  # uint8 codes + their unpacked copy at save time
+        "forward": forward})
+    mix_tokens = mix_rows * mix_seq_len
+    span = min(widest, 2 * mix_tokens)
+    mix = StageEstimate("mix", {
+        "boundary": min(3 * mix_tokens * h * 4 * (s.layers + 1), SPILL_BUDGET),
+        "grads": 3 * s.block_params * 4 + 4 * 4 * mix_seq_len * (12 * h + 4 * f),
+        "grams": 3 * 4 * s.gram_floats,
+        "spectrum": 8 * (4 * widest**2 if 2 * mix_tokens < widest else 0) + 8 * 8 * span**2,
+        "logits": 3 * 4 * 512 * s.vocab})
+    probe_tokens = probe_rows * probe_seq_len
+    moments = sum(k * min(probe_tokens, k) for k in (h, h, s.heads * s.head_dim, f)) * 4 * objectives
+    profile = StageEstimate("profile", {
+        "hidden": 2 * objectives * probe_tokens * h * weight_bytes,
+        "moments": moments + (4 * widest**2 if probe_tokens > widest else 0),
+        "block": s.block_params * weight_bytes + 2 * 4 * h * widest,
+        "logits": 3 * 4 * 512 * s.vocab,
+        "forward": 4 * batch_size * probe_seq_len * (3 * f + 4 * h) + 4 * batch_size * s.heads * probe_seq_len**2})
+    return {"mix": mix, "profile": profile, "gptq": gptq}
+
+
+def weights_bytes(config, weight_bytes: int = 4) -> int:
+    return Shapes.of(config).params * weight_bytes
 
 
 def available_memory() -> int:
@@ -65,10 +140,13 @@ def _meminfo_available() -> int:
     return 1 << 62
 
 
-def check_memory(estimate: MemoryEstimate, available: int | None = None) -> None:
+def check_memory(weights: int, stages: dict[str, StageEstimate], available: int | None = None) -> None:
+    """Refuse (TasaError) when weights + overhead + the hungriest stage exceed the available host memory."""
     available = available_memory() if available is None else available
-    if estimate.total > available:
-        raise TasaError(f"this run needs about {estimate.total / GIB:.1f} GiB of memory (weights "
-                        f"{estimate.weights / GIB:.1f}, activations {2 * estimate.activations / GIB:.1f}, attention "
-                        f"{estimate.attention / GIB:.1f}) but only {available / GIB:.1f} GiB is available; "
-                        "lower --calib-samples/--seq-len or use a bigger machine")
+    worst = max(stages.values(), key=lambda e: e.total)
+    need = weights + OVERHEAD + worst.total
+    if need > available:
+        raise TasaError(f"this run needs about {need / GIB:.1f} GiB of memory (weights {weights / GIB:.1f}, "
+                        f"{worst.stage} {worst.total / GIB:.1f}, mostly {worst.largest} "
+                        f"{worst.parts[worst.largest] / GIB:.1f}) but only {available / GIB:.1f} GiB is available; "
+                        f"lower {KNOBS.get(worst.largest, 'the calibration size')} or use a bigger machine")
