@@ -272,15 +272,22 @@ def plan(
     beta: Annotated[float, typer.Option()] = 0.5,
     candidates: Annotated[str, typer.Option()] = "3,4,8",
     plot: Annotated[Optional[Path], typer.Option(help="PNG of sensitivity and chosen bits per layer.")] = None,
+    emit: Annotated[Optional[str], typer.Option(help="Also write the plan for llama-quantize (--tensor-type-file), "
+                                                "llm-compressor (recipe YAML) or autoround (layer_config JSON), "
+                                                "beside --out.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite outputs written by tasa-deploy.")] = False,
 ) -> None:
     """Re-plan from an existing profile for a budget (seconds, no model needed); write tasa_plan.json."""
     from tasa_deploy import plan as plan_stage
     from tasa_deploy.artifacts import SensitivityProfile
+    from tasa_deploy.emit import EMITTERS
     from tasa_deploy.plan import check_budget_args
 
     check_budget_args(bits, beta, target)
-    for path in (out, plot):
+    if emit is not None and emit not in EMITTERS:
+        raise UsageError(f"unknown --emit format '{emit}'; choose from: {', '.join(EMITTERS)}")
+    emitted = out.with_name(out.stem + EMITTERS[emit][1]) if emit else None
+    for path in (out, plot, emitted):
         if path is not None:
             check_output(path, force=force, inputs=(profile_path,))
     if plot is not None and plot.absolute() == out.absolute():
@@ -291,6 +298,14 @@ def plan(
     out_console.print(_table("bits per layer", plan_stage.plan_table(result)))
     if plot:
         plan_stage.save_plan_plot(loaded_profile, result, plot, force=force, inputs=(profile_path,))
+    if emitted is not None:
+        from tasa_deploy.emit import emit as emit_plan
+        from tasa_deploy.outputs import atomic_path
+
+        text = emit_plan(result, emit, {m: u.in_features for u in loaded_profile.units for m in u.modules})
+        with atomic_path(emitted, force=force, inputs=(profile_path,)) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        out_console.print(f"wrote {emitted} ({emit})")
     out_console.print(f"average {result.average_bits:.4f} bpw (budget {bits}); wrote {out}")
 
 

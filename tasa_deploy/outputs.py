@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,9 +56,21 @@ def _is_our_file(path: Path) -> bool:
     if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header length, then a JSON header
         return _safetensors_writer(path, int.from_bytes(head[:8], "little")) == TAG
     if head.lstrip().startswith(b"{") and path.stat().st_size <= MAX_JSON_BYTES:
-        schema = _json_object(path.read_bytes()).get("schema", "")
-        return isinstance(schema, str) and schema.startswith("tasa-")
-    return False
+        obj = _json_object(path.read_bytes())
+        schema = obj.get("schema", "")
+        return (isinstance(schema, str) and schema.startswith("tasa-")) or _is_layer_config(obj)
+    if head.startswith(b"# ") and TAG.encode() in head.split(b"\n", 1)[0]:  # YAML we wrote (emit.py)
+        return True
+    return bool(head) and path.stat().st_size <= MAX_JSON_BYTES and all(
+        _TENSOR_TYPE_LINE.match(line) for line in path.read_bytes().splitlines())  # emit.py's llama-quantize file
+
+
+_TENSOR_TYPE_LINE = re.compile(rb"^\^blk\\\.\d+\\\.[a-z_]+\\\.weight\$=[a-z0-9_]+$")
+
+
+def _is_layer_config(obj: dict) -> bool:
+    """An AutoRound layer_config as emit.py writes it: every value exactly {bits, group_size, sym}."""
+    return bool(obj) and all(isinstance(v, dict) and set(v) == {"bits", "group_size", "sym"} for v in obj.values())
 
 
 def _safetensors_writer(path: Path, header_len: int) -> str | None:
