@@ -82,15 +82,13 @@ def build_model(shape: str, layers: int):
 
 
 def run_one(shape: str, layers: int, rows: int, seq_len: int, tokenizer, tmp: Path) -> dict:
-    import torch
-
     from tasa_deploy import mix
     from tasa_deploy.exporters.vllm import export_vllm
     from tasa_deploy.model import model_fingerprint, quantizable_modules
     from tasa_deploy.pipeline import unquantized_tensors
     from tasa_deploy.plan import build_plan
     from tasa_deploy.profile import measure_profile
-    from tasa_deploy.quantize import quantize_model
+    from tasa_deploy.sequential import quantize_model
     from tasa_deploy.quantized_dir import save_artifact
 
     start = time.perf_counter()
@@ -145,9 +143,7 @@ def run_one(shape: str, layers: int, rows: int, seq_len: int, tokenizer, tmp: Pa
         row["stages"][name]["estimate_parts_gib"] = {k: round(v / GIB, 3) for k, v in estimate.parts.items()}
     row["plan_fingerprint_ok"] = state["plan"].model_fingerprint == fingerprint
     row["quantized_modules"] = len(state["gptq"]) == len(quantizable_modules(model))
-    del model, state
-    gc.collect()
-    return row
+    return row  # the model and the stage results go with this frame
 
 
 def fit_and_project(rows: list[dict]) -> list[dict]:

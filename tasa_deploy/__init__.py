@@ -18,3 +18,17 @@ class UsageError(TasaError):
     """Bad arguments or input files (exit code 2)."""
 
     exit_code = 2
+
+
+def quantize(*args, **kwargs):
+    """`tasa_deploy.api.quantize` (imported lazily: `import tasa_deploy` stays light)."""
+    from tasa_deploy.api import quantize as run
+
+    return run(*args, **kwargs)
+
+
+def export(*args, **kwargs):
+    """`tasa_deploy.api.export`."""
+    from tasa_deploy.api import export as run
+
+    return run(*args, **kwargs)

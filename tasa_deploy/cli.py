@@ -376,72 +376,13 @@ def export(
 
     GGUF of an int-grid artifact (the default `quantize` target): GPTQ runs again onto the GGML grids from the
     artifact's own base model, plan and calibration mixture, so no second rounding is stacked on the first."""
-    if format not in ("gguf", "vllm"):
-        raise UsageError(f"unknown export format '{format}'; use --format gguf|vllm")
-    if via not in (None, "llama-quantize") or (via and format != "gguf"):
-        raise UsageError(f"--via must be llama-quantize and applies to --format gguf only, got '{via}'")
-    need = sum(f.stat().st_size for f in artifact.glob("*.safetensors")) if artifact.is_dir() else 0
-    check_output(out, is_dir=format == "vllm", force=force, inputs=(artifact,), need_bytes=need)
-    if format == "vllm":
-        from tasa_deploy.exporters.vllm import export_vllm
+    from tasa_deploy.api import export as export_artifact
 
-        report = export_vllm(artifact, out, force=force)
-    elif via == "llama-quantize":
-        report = _export_via_llama_quantize(artifact, out, force)
-    else:
-        report = _export_gguf(artifact, out, re_round, device, force)
+    report = export_artifact(artifact, out, format=format, via=via, re_round=re_round, device=device, force=force,
+                             log=lambda m: console.print(m))
     for warning in getattr(report, "warnings", ()) or ():
         console.print(f"[yellow]warning:[/] {warning}")
     out_console.print(f"wrote {out}")
-
-
-def _export_gguf(artifact: Path, out: Path, re_round: bool, device: str | None, force: bool):
-    """GGUF export; an int-grid artifact is re-quantized with GPTQ onto the GGML grids first (unless re_round)."""
-    import shutil
-    import tempfile
-    import time
-
-    from tasa_deploy.exporters.gguf import export_gguf
-    from tasa_deploy.quantized_dir import load_artifact
-    from tasa_deploy.requantize import needs_requantize, requantize_for_gguf
-
-    if re_round or not needs_requantize(load_artifact(artifact)):
-        return export_gguf(artifact, out, force=force)
-    start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=".tasa-regguf-", dir=out.resolve().parent))
-    try:
-        console.print(f"re-quantizing {artifact} onto GGML grids with GPTQ (its base model, plan and calibration "
-                      "mix); --re-round skips this (lossy)")
-        regridded, summary = requantize_for_gguf(artifact, work, log=lambda m: None, device=device)
-        report = export_gguf(regridded, out, force=force)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    plan = summary["plan"]
-    console.print(f"re-quantized {len(plan.modules)} modules with GPTQ onto GGML types ({plan.average_bits:.3f} "
-                  f"bpw) in {time.perf_counter() - start:.0f} s")
-    return report
-
-
-def _export_via_llama_quantize(artifact: Path, out: Path, force: bool):
-    from tasa_deploy.quantized_dir import load_artifact
-    from tasa_deploy.exporters.gguf import gguf_architecture
-    from tasa_deploy.exporters.llamacpp import export_gguf_via_llama_quantize
-    from tasa_deploy.model import load_model
-    from tasa_deploy.pipeline import QuantizeRequest, calibration_tokens
-
-    opened = load_artifact(artifact)
-    gguf_architecture(opened.config)  # refuse an unsupported model before loading it and its calibration data
-    request_json = opened.plan.info.get("request") or {}
-    request = QuantizeRequest(model=request_json.get("model", "smollm2-135m"),
-                              tasks=tuple(request_json.get("tasks", ("gsm8k", "arc"))),
-                              task_data=tuple(request_json.get("task_data", ())),
-                              calib_samples=32, seq_len=512)
-    loaded = load_model(request.model)
-    from tasa_deploy.artifacts import CalibrationMix
-
-    mix = CalibrationMix.load(artifact / "mix.json") if (artifact / "mix.json").is_file() else None
-    tokens = calibration_tokens(loaded, request, mix)
-    return export_gguf_via_llama_quantize(artifact, out, loaded.model_dir, tokens, force=force)
 
 
 @app.command()

@@ -335,11 +335,11 @@ def check_calibration_sources(request: QuantizeRequest) -> None:
         load_rows(source, "calib", limit=1)
 
 
-def _check_resources(request: QuantizeRequest) -> None:
+def _check_resources(request: QuantizeRequest, config=None) -> None:
     from tasa_deploy.model import check_architecture, load_config, resolve_model_dir
     from tasa_deploy.resources import check_memory, estimate_stages, weights_bytes
 
-    config = load_config(resolve_model_dir(request.model), request.model)
+    config = config if config is not None else load_config(resolve_model_dir(request.model), request.model)
     check_architecture(config)
     element = torch.empty(0, dtype=resolve_dtype(request.dtype, resolve_device(request.device))).element_size()
     stages = estimate_stages(config, calib_rows=request.calib_samples, seq_len=request.seq_len,
@@ -361,16 +361,19 @@ def unquantized_tensors(model: torch.nn.Module, modules: dict) -> dict[str, torc
     return {name: tensor for name, tensor in model.state_dict().items() if name not in quantized}
 
 
-def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None) -> tuple[Path, dict]:
-    """All stages for one request; returns the artifact dir and a summary (stage times, plan bits)."""
-    from tasa_deploy.quantize import GPTQSettings, quantize_model
+def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None,
+                 loaded: LoadedModel | None = None) -> tuple[Path, dict]:
+    """All stages for one request; returns the artifact dir and a summary (stage times, plan bits).
+    `loaded`: a model already in memory (the Python API); otherwise request.model is loaded."""
+    from tasa_deploy.sequential import GPTQSettings, quantize_model
 
     check_quantize_preconditions(request)
     times = StageTimes()
-    _check_resources(request)
+    _check_resources(request, loaded.model.config if loaded is not None else None)
     check_calibration_sources(request)
     device = resolve_device(request.device)
-    loaded = times.run("load", load_model, request.model, resolve_dtype(request.dtype, device))
+    if loaded is None:
+        loaded = times.run("load", load_model, request.model, resolve_dtype(request.dtype, device))
     fingerprint = times.run("fingerprint", model_fingerprint, loaded.model)
     work_dir = request.resolved_work_dir  # created only once there is something to keep in it
     mix = None

@@ -10,7 +10,7 @@ from tasa_deploy.cli import app
 from tasa_deploy.device import onloaded, resolve_device, resolve_dtype
 from tasa_deploy.model import load_model
 from tasa_deploy.pipeline import QuantizeRequest, request_to_json, uniform_plan
-from tasa_deploy.quantize import quantize_model
+from tasa_deploy.sequential import quantize_model
 
 HAS_CUDA = torch.cuda.is_available()
 runner = CliRunner()

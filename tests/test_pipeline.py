@@ -10,7 +10,7 @@ from tasa_deploy.cli import app
 from tasa_deploy.model import load_artifact_model, load_model, model_fingerprint
 from tasa_deploy.pipeline import uniform_plan
 from tasa_deploy.quant import QuantSpec, quantize_rtn
-from tasa_deploy.quantize import quantize_model
+from tasa_deploy.sequential import quantize_model
 
 runner = CliRunner()
 

@@ -153,7 +153,7 @@ def test_gptq_refuses_a_hessian_no_damping_can_factor():
 def test_modules_reading_one_input_share_one_hessian(smollm2):
     from tasa_deploy.capture import capture_block_inputs
     from tasa_deploy.model import block_linears, decoder_blocks
-    from tasa_deploy.quantize import _collect_hessians, shared_input_keys
+    from tasa_deploy.sequential import _collect_hessians, shared_input_keys
 
     assert shared_input_keys(["self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]) == {
         "self_attn.k_proj": "self_attn.k_proj", "self_attn.v_proj": "self_attn.k_proj",
