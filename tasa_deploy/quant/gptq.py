@@ -38,25 +38,25 @@ def accumulate_hessian(hessian: torch.Tensor, n_seen: int, inputs: torch.Tensor)
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, attempts: int = 5) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after dampening H by `damp` times its mean diagonal.
 
-    An ill-conditioned H (too few calibration tokens, duplicated inputs) gets 10x more damping per failed
-    attempt, with a warning; after `attempts` failures the module cannot be GPTQ-quantized and TasaError says so.
-    A factor that failed is never used."""
+    An ill-conditioned H (too few calibration tokens, duplicated inputs) gets more damping per failed attempt
+    (damp x mean diagonal x 1, 10, 100, ... added), with a warning; after `attempts` failures the module cannot
+    be GPTQ-quantized and TasaError says so. A factor that failed is never used."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    scale = float(torch.mean(torch.diag(hessian)))
+    h = hessian + damp * torch.mean(torch.diag(hessian)) * eye  # float32 arithmetic, as GPTQ's reference
     for attempt in range(attempts):
-        level = damp * 10**attempt
-        chol, info = torch.linalg.cholesky_ex(hessian + level * scale * eye)
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            if attempt:
-                warnings.warn(f"GPTQ: the Hessian needed damping {level:g} (asked {damp:g}) to factor; "
-                              "more calibration tokens would help", RuntimeWarning, stacklevel=3)
-            h_inv = torch.cholesky_inverse(chol)
-            chol_inv, info = torch.linalg.cholesky_ex(h_inv, upper=True)
+            chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if int(info) == 0:
+                if attempt:
+                    warnings.warn(f"GPTQ: the Hessian needed {attempt} extra damping step(s) (x10 each) beyond "
+                                  f"damp={damp:g} to factor; more calibration tokens would help", RuntimeWarning,
+                                  stacklevel=3)
                 return chol_inv
-    raise TasaError(f"GPTQ: the Hessian is not positive definite even with damping {damp * 10**(attempts - 1):g} "
-                    f"x its mean diagonal ({scale:.3g}); the calibration data may be degenerate "
-                    "(too few tokens or constant inputs); add calibration samples or use --quantizer rtn")
+        h = h + damp * torch.mean(torch.diag(h)) * eye * 10**attempt  # ill-conditioned: damp more
+    raise TasaError(f"GPTQ: the Hessian is not positive definite after {attempts} damping steps from damp={damp:g} "
+                    f"(mean diagonal {float(torch.mean(torch.diag(hessian))):.3g}); the calibration data may be "
+                    "degenerate (too few tokens or constant inputs); add calibration samples or use --quantizer rtn")
 
 
 def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
