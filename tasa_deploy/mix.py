@@ -212,20 +212,21 @@ def data_span(h_gen: torch.Tensor, h_task: torch.Tensor, rel_tol: float = 1e-8,
     With `rank_bound` (the token count) well below K, a randomized range finder replaces the K x K eigh:
     Q = orth((H_gen + H_task) Omega) for a seeded Gaussian Omega [K, rank_bound + 16] spans the range exactly
     (the rank is at most rank_bound; checked: tr(Q'HQ) must equal tr(H), else the full eigh runs), then the
-    small eigh of Q' H Q drops the rounding-noise directions with the same threshold. Cost K^2 r instead of ~9 K^3: at K = 14336 (Llama-3-8B's down_proj input) seconds,
+    small eigh of Q' H Q (float64) drops the rounding-noise directions with the same threshold. The K x K work
+    stays in the Grams' dtype (float32 from the model), so no float64 copy of a K x K matrix is made. Cost K^2 r instead of ~9 K^3: at K = 14336 (Llama-3-8B's down_proj input) seconds,
     not minutes."""
-    h = h_gen.double() + h_task.double()  # [K, K]
+    h = h_gen + h_task  # [K, K] in the Grams' own dtype: no float64 copy of a K x K matrix
     size = h.shape[0]
     if rank_bound is not None and rank_bound + 16 < size:
         generator = torch.Generator(device=h.device).manual_seed(0)
         omega = torch.randn(size, rank_bound + 16, generator=generator, dtype=h.dtype, device=h.device)
         q, _ = torch.linalg.qr(h @ omega)  # [K, m]
-        values, vectors = torch.linalg.eigh(q.T @ h @ q)  # [m], ascending
-        if float(values.clamp(min=0).sum()) >= (1 - 1e-9) * float(torch.trace(h)):  # H is PSD: all of it captured
-            return q @ vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)]
+        values, vectors = torch.linalg.eigh((q.T @ h @ q).double())  # [m], ascending
+        if float(values.clamp(min=0).sum()) >= (1 - 1e-6) * float(torch.trace(h.double())):  # PSD: all captured
+            return q @ vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)].to(h.dtype)
         # the rank exceeded the bound (not from `rank_bound` tokens): fall back to the full eigendecomposition
-    values, vectors = torch.linalg.eigh(h)  # ascending
-    return vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)]
+    values, vectors = torch.linalg.eigh(h.double())  # ascending
+    return vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)].to(h.dtype)
 
 
 def trace_spectrum(h_test: torch.Tensor, h_gen: torch.Tensor, h_task: torch.Tensor, damp: float,
@@ -246,10 +247,10 @@ def trace_spectrum(h_test: torch.Tensor, h_gen: torch.Tensor, h_task: torch.Tens
     S is the whole space and the result is the full-space trace exactly."""
     if damp <= 0:
         raise UsageError(f"damp must be > 0 (got {damp}); H_gen or H_task alone may be singular")
-    h_test, h_gen, h_task = h_test.double(), h_gen.double(), h_task.double()
-    if data_tokens is not None and data_tokens < h_test.shape[0]:
+    if data_tokens is not None and data_tokens < h_test.shape[0]:  # project first, in the Grams' dtype
         basis = data_span(h_gen, h_task, rank_bound=data_tokens)  # [K, r]
         h_test, h_gen, h_task = (basis.T @ h @ basis for h in (h_test, h_gen, h_task))  # [r, r]
+    h_test, h_gen, h_task = h_test.double(), h_gen.double(), h_task.double()
     chol, info = torch.linalg.cholesky_ex(damped(h_task, damp))  # A = L L^T
     if int(info) != 0:
         raise TasaError("the damped task Gram matrix is not positive definite; raise damp")

@@ -6,7 +6,7 @@ Each stage's working memory is written out part by part from the model's shapes 
 CUDA device the block being worked on, its activations and accumulators are on the device and the host keeps
 the weights and the results. The formulas follow the code:
   mix     `stream.stream_block_stats` + `mix.trace_spectrum`: boundary states (spilled to disk past 2 GiB),
-          three sources' gradients and Grams of one block, the float64 spectrum of the widest input.
+          three sources' gradients and Grams of one block, the spectrum of the costliest input.
   profile `profile._run_layers`: every probe batch's hidden states (current + next block), per-objective
           second moments (`moments.SecondMoment`), one block's fake-quantized weights, logits in chunks of 512.
   gptq    `quantize.quantize_model`: calibration activations in and out of one block, one Hessian per shared
@@ -95,12 +95,17 @@ def estimate_stages(config, *, calib_rows: int, seq_len: int, mix_rows: int = 8,
         "codes": s.layers * s.block_params * 2,  # uint8 codes + their unpacked copy at save time
         "forward": forward})
     mix_tokens = mix_rows * mix_seq_len
-    span = min(widest, 2 * mix_tokens)
+
+    def spectrum(k: int) -> int:  # mix.trace_spectrum of one input of width k
+        if 2 * mix_tokens < k:  # projected in float32 first: the K x K sum, then float64 r x r matrices
+            return 4 * k * k + 8 * 8 * (2 * mix_tokens) ** 2
+        return 8 * 8 * k * k  # full rank: float64 copies of the three Grams and the factor work
+
     mix = StageEstimate("mix", {
         "boundary": min(3 * mix_tokens * h * 4 * (s.layers + 1), SPILL_BUDGET),
         "grads": 3 * s.block_params * 4 + 4 * 4 * mix_seq_len * (12 * h + 4 * f),
         "grams": 3 * 4 * s.gram_floats,
-        "spectrum": 8 * (4 * widest**2 if 2 * mix_tokens < widest else 0) + 8 * 8 * span**2,
+        "spectrum": max(spectrum(k) for k in (h, s.heads * s.head_dim, f)),
         "logits": 3 * 4 * 512 * s.vocab})
     probe_tokens = probe_rows * probe_seq_len
     moments = sum(k * min(probe_tokens, k) for k in (h, h, s.heads * s.head_dim, f)) * 4 * objectives
