@@ -50,6 +50,7 @@ from tasa_deploy.stream import stream_block_stats
 
 DEFAULT_TASKS = ("gsm8k", "arc_easy", "arc_challenge")
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DOT_CHUNK = 1 << 22  # gradient entries per float64 chunk in block_dots
 COMBINATION = "z(grad_alignment) - z(log hessian_trace), argmax; ties -> first in grid order"
 
 
@@ -155,8 +156,12 @@ def mixture_gradient(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor], 
 def block_dots(g: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> tuple[float, ...]:
     """The six dot products of one block's general, task and probe gradients [P_b] that every cosine on the
     alpha grid needs: (<g,g>, <t,t>, <g,t>, <g,p>, <t,p>, <p,p>), in float64."""
-    g, t, p = g.double(), t.double(), p.double()
-    return tuple(float(v) for v in (g @ g, t @ t, g @ t, g @ p, t @ p, p @ p))
+    sums = [0.0] * 6
+    for start in range(0, g.numel(), DOT_CHUNK):  # float64 a chunk at a time: no float64 copy of a whole block
+        a, b, c = (v[start:start + DOT_CHUNK].double() for v in (g, t, p))
+        for i, value in enumerate((a @ a, b @ b, a @ b, a @ c, b @ c, c @ c)):
+            sums[i] += float(value)
+    return tuple(sums)
 
 
 def alignment_from_dots(dots: Sequence[tuple[float, ...]], alphas: Sequence[float]) -> list[float]:

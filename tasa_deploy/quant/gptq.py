@@ -41,19 +41,21 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, attempts: int 
     An ill-conditioned H (too few calibration tokens, duplicated inputs) gets more damping per failed attempt
     (damp x mean diagonal x 1, 10, 100, ... added), with a warning; after `attempts` failures the module cannot
     be GPTQ-quantized and TasaError says so. A factor that failed is never used."""
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    h = hessian + damp * torch.mean(torch.diag(hessian)) * eye  # float32 arithmetic, as GPTQ's reference
+    h = hessian.clone()
+    h.diagonal().add_(damp * torch.mean(torch.diag(hessian)))  # H + damp mean(diag) I, float32, no K x K identity
     for attempt in range(attempts):
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            h_inv = torch.cholesky_inverse(chol)
+            del chol
+            chol_inv, info = torch.linalg.cholesky_ex(h_inv, upper=True)
             if int(info) == 0:
                 if attempt:
                     warnings.warn(f"GPTQ: the Hessian needed {attempt} extra damping step(s) (x10 each) beyond "
                                   f"damp={damp:g} to factor; more calibration tokens would help", RuntimeWarning,
                                   stacklevel=3)
                 return chol_inv
-        h = h + damp * torch.mean(torch.diag(h)) * eye * 10**attempt  # ill-conditioned: damp more
+        h.diagonal().add_(damp * torch.mean(torch.diag(h)) * 10**attempt)  # ill-conditioned: damp more
     raise TasaError(f"GPTQ: the Hessian is not positive definite after {attempts} damping steps from damp={damp:g} "
                     f"(mean diagonal {float(torch.mean(torch.diag(hessian))):.3g}); the calibration data may be "
                     "degenerate (too few tokens or constant inputs); add calibration samples or use --quantizer rtn")
@@ -74,8 +76,10 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec
     w[:, dead] = 0.0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=h.device)
     static_params = grid.fit(w, spec) if act_order else None
-    w, h = w[:, perm], h[perm][:, perm]
+    if act_order:
+        w, h = w[:, perm], h[perm][:, perm]
     h_inv = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
+    del h
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
     fitted: list = []
     total_error = 0.0
