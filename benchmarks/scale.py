@@ -13,7 +13,7 @@ per stage: working memory should be flat (within 10% from the shallowest to the 
 linearly (mix, GPTQ, export) or with L(L+1)/2 block passes (profile's tail passes). The projection to 32 and 80
 blocks uses those forms; the weights themselves (bf16, on the host) are added as 2 bytes x parameters.
 
-Usage: python benchmarks/scale.py [--runs 8b:1,8b:2,8b:4,70b:1,70b:2] [--rows 2] [--seq-len 64]
+Usage: python benchmarks/scale.py [--runs 8b:1,8b:2,8b:4,70b:1,70b:2] [--rows 2] [--seq-len 64] [--append]
 """
 
 from __future__ import annotations
@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--append", action="store_true", help="Keep the runs already in OUT/scale.json (other "
+                        "shapes/depths) and refit with the new ones.")
     args = parser.parse_args()
     from tasa_deploy import UsageError
     from tasa_deploy.model import load_model
@@ -205,6 +207,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tasa-scale-") as tmp:
         for shape, layers in runs:
             rows.append(run_one(shape, layers, args.rows, args.seq_len, tokenizer, Path(tmp)))
+    if args.append and (args.out / "scale.json").is_file():
+        import json
+
+        fresh = {(r["shape"], r["layers"]) for r in rows}
+        kept = json.loads((args.out / "scale.json").read_text())["runs"]
+        rows = [r for r in kept if (r["shape"], r["layers"]) not in fresh] + rows
     fits = fit_and_project(rows)
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "rows_per_source": args.rows,
               "seq_len": args.seq_len, "runs": rows, "fits": fits}
