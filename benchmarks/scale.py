@@ -171,8 +171,25 @@ def fit_and_project(rows: list[dict]) -> list[dict]:
                         "growth": "L(L+1)/2 block passes" if name == "profile" else "linear in L",
                         "seconds_per_unit": round(seconds_per_unit, 3),
                         "projected_seconds_full": round(seconds_per_unit * full_units, 1),
-                        "projected_host_gib_full": round(max(working) + 2 * _full_params(shape, runs, per_layer_params) / GIB, 1)})
+                        "working_gib_per_block": round(_slope([r["layers"] for r in runs], working), 3),
+                        "projected_working_gib_full": round(_extrapolate([r["layers"] for r in runs], working, full), 2),
+                        "projected_host_gib_full": round(_extrapolate([r["layers"] for r in runs], working, full)
+                                                         + 2 * _full_params(shape, runs, per_layer_params) / GIB, 1)})
     return out
+
+
+def _slope(xs: list[int], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs (0 with one point)."""
+    if len(xs) < 2:
+        return 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _extrapolate(xs: list[int], ys: list[float], at: int) -> float:
+    """The linear fit at `at`, never below the largest measured value (a flat stage projects to its peak)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return max(max(ys), my + _slope(xs, ys) * (at - mx))
 
 
 def _full_params(shape: str, runs: list[dict], per_layer: float | None) -> float:
@@ -182,6 +199,30 @@ def _full_params(shape: str, runs: list[dict], per_layer: float | None) -> float
     head_dim = h // spec["num_attention_heads"]
     block = 2 * h * h + 2 * h * kv * head_dim + 3 * h * f + 2 * h  # q,o + k,v + gate,up,down + norms
     return (per_layer or block) * full + 2 * spec["vocab_size"] * h + h
+
+
+def full_size_estimates() -> list[dict]:
+    """`resources.estimate_stages` for the full 32- and 80-block models at the CLI's default settings, bf16:
+    host = weights + the hungriest stage's working memory; device (CUDA, blocks onloaded one at a time) = that
+    working memory less its host-only parts (codes, boundary states) + one block + the shell (embeddings, head)."""
+    from transformers import LlamaConfig
+
+    from tasa_deploy.resources import HOST_ONLY, OVERHEAD, Shapes, estimate_stages
+
+    out = []
+    for shape in ("8b", "70b"):
+        spec = {k: v for k, v in SHAPES[shape].items() if k != "full_layers"}
+        config = LlamaConfig(**spec, num_hidden_layers=SHAPES[shape]["full_layers"], tie_word_embeddings=False)
+        shapes = Shapes.of(config)
+        stages = estimate_stages(config, calib_rows=32, seq_len=512, weight_bytes=2)
+        shell = 2 * shapes.vocab * shapes.hidden * 2
+        for name, estimate in stages.items():
+            out.append({"shape": shape, "stage": name, "working_gib": round(estimate.total / GIB, 2),
+                        "largest_part": estimate.largest,
+                        "host_gib": round((2 * shapes.params + OVERHEAD + estimate.total) / GIB, 1),
+                        "device_gib": round((sum(v for k, v in estimate.parts.items() if k not in HOST_ONLY)
+                                             + 2 * shapes.block_params + shell) / GIB, 1)})
+    return out
 
 
 def main() -> None:
@@ -197,13 +238,13 @@ def main() -> None:
     from tasa_deploy.model import load_model
 
     runs = []
-    for item in args.runs.split(","):
+    for item in filter(None, args.runs.split(",")):
         shape, _, layers = item.partition(":")
         if shape not in SHAPES or not layers.isdigit() or int(layers) < 1:
             raise UsageError(f"--runs entries are SHAPE:LAYERS with SHAPE in {sorted(SHAPES)}, got '{item}'")
         runs.append((shape, int(layers)))
-    tokenizer = load_model("smollm2-135m").tokenizer
     rows = []
+    tokenizer = load_model("smollm2-135m").tokenizer if runs else None
     with tempfile.TemporaryDirectory(prefix="tasa-scale-") as tmp:
         for shape, layers in runs:
             rows.append(run_one(shape, layers, args.rows, args.seq_len, tokenizer, Path(tmp)))
@@ -214,15 +255,22 @@ def main() -> None:
         kept = json.loads((args.out / "scale.json").read_text())["runs"]
         rows = [r for r in kept if (r["shape"], r["layers"]) not in fresh] + rows
     fits = fit_and_project(rows)
+    full = full_size_estimates()
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "rows_per_source": args.rows,
-              "seq_len": args.seq_len, "runs": rows, "fits": fits}
-    lines = ["| shape | stage | depths | working GiB per depth | estimate GiB (deepest) | flat | s per unit | growth "
-             "| projected s (full) | projected host GiB (full, bf16 weights incl.) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+              "seq_len": args.seq_len, "runs": rows, "fits": fits, "full_size_estimates": full}
+    lines = ["| shape | stage | depths | working GiB per depth | estimate GiB (deepest) | flat | GiB per block | "
+             "s per unit | growth | projected s (full) | projected working GiB (full) | projected host GiB (full, bf16 "
+             "weights incl.) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {f['shape']} | {f['stage']} | {f['depths']} | {f['working_gib']} | {f['estimate_gib_deepest']} | "
-              f"{'yes' if f['flat'] else 'NO'} | "
-              f"{f['seconds_per_unit']} | {f['growth']} | {f['projected_seconds_full']} | {f['projected_host_gib_full']} |"
+              f"{'yes' if f['flat'] else 'NO'} | {f['working_gib_per_block']} | "
+              f"{f['seconds_per_unit']} | {f['growth']} | {f['projected_seconds_full']} | "
+              f"{f['projected_working_gib_full']} | {f['projected_host_gib_full']} |"
               for f in fits]
+    lines += ["", "Full-size estimates (resources.estimate_stages, default CLI settings, bf16 weights on the host):", "",
+              "| shape | stage | working GiB | largest part | host GiB (weights + stage) | device GiB (stage on device + block + shell) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {e['shape']} | {e['stage']} | {e['working_gib']} | {e['largest_part']} | {e['host_gib']} | "
+              f"{e['device_gib']} |" for e in full]
     lines += ["", f"{len(rows)} runs, {args.rows} rows x {args.seq_len} tokens per source/objective, "
               f"{report['machine']['cpus']} CPUs; {report['date']}."]
     write_report(args.out, "scale", report, lines)

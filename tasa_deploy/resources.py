@@ -24,6 +24,7 @@ from tasa_deploy import TasaError, UsageError
 GIB = 1024**3
 SPILL_BUDGET = 2 * GIB  # stream.stream_block_stats keeps boundary states in memory up to this
 OVERHEAD = 2 * GIB  # interpreter, libraries, tokenizer, allocator slack
+HOST_ONLY = ("codes", "boundary")  # parts that stay on the host when blocks run on a CUDA device
 KNOBS = {"activations": "--calib-samples/--seq-len", "hessians": "a bigger machine (Hessians scale with width)",
          "gptq_work": "a bigger machine (the widest module's Hessian inverse)", "codes": "a bigger machine",
          "boundary": "--mix-samples", "grads": "a bigger machine", "grams": "a bigger machine",
@@ -92,7 +93,7 @@ def estimate_stages(config, *, calib_rows: int, seq_len: int, mix_rows: int = 8,
         "activations": 2 * calib_rows * seq_len * h * weight_bytes,
         "hessians": 4 * s.gram_floats,
         "gptq_work": 4 * (5 * widest**2 + 3 * h * widest),
-        "codes": s.layers * s.block_params * 2,  # uint8 codes + their unpacked copy at save time
+        "codes": s.layers * s.block_params,  # uint8 codes of every module, held on the host until the save
         "forward": forward})
     mix_tokens = mix_rows * mix_seq_len
 
