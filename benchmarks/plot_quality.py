@@ -17,6 +17,29 @@ COLUMNS = ("name", "bpw", "wikitext_ppl", "wikitext_ppl_llamacpp", "gsm8k", "gsm
            "hellaswag", "piqa", "task_score", "wall_seconds")
 
 
+ACCURACY_ITEMS = {"gsm8k": "gsm8k_items", "arc_easy": "mc_items", "arc_challenge": "mc_items",
+                  "hellaswag": "mc_items", "piqa": "mc_items"}  # accuracy column -> its item count setting
+
+
+def with_standard_errors(report: dict) -> dict:
+    """Every accuracy gets `<column>_se` = sqrt(p (1 - p) / n) (binomial, n items from the eval settings), and
+    task_score (the mean of five independent accuracies) gets sqrt(sum se^2) / 5."""
+    ev = report["settings"]["eval"]
+    rows = []
+    for row in report["rows"]:
+        row = dict(row)
+        ses = []
+        for column, setting in ACCURACY_ITEMS.items():
+            p, n = row.get(column), ev.get(setting)
+            if isinstance(p, (int, float)) and n:
+                row[f"{column}_se"] = (p * (1 - p) / n) ** 0.5
+                ses.append(row[f"{column}_se"])
+        if row.get("task_score") is not None and len(ses) == len(ACCURACY_ITEMS):
+            row["task_score_se"] = sum(se**2 for se in ses) ** 0.5 / len(ses)
+        rows.append(row)
+    return {**report, "rows": rows}
+
+
 def caption(report: dict) -> str:
     """What the table measures and how to read it (the provenance of the base weights first)."""
     ev = report["settings"]["eval"]
@@ -41,7 +64,9 @@ def caption(report: dict) -> str:
         f"solution over {ev['gsm8k_ll_items'] or 'all'} problems, higher is better — both from our PyTorch "
         "evaluator, for GGUF rows on the GGUF's own dequantized weights (this llama.cpp build has no completion "
         "API for scoring generations: no llama-server, no llama-cpp-python). "
-        "task_score = mean of gsm8k, arc_easy, arc_challenge, hellaswag, piqa.")
+        "task_score = mean of gsm8k, arc_easy, arc_challenge, hellaswag, piqa. ± is one binomial standard error, "
+        "sqrt(p(1-p)/n) over the n items (0 when p is 0 or 1: read those as \"no item right/wrong of n\"); task_score's "
+        "is sqrt(sum of the five squared SEs) / 5. Differences under about 2 SE are ties.")
 
 
 def format_cell(value) -> str:
@@ -52,10 +77,18 @@ def format_cell(value) -> str:
     return str(value)
 
 
+def cell(row: dict, column: str) -> str:
+    """A value, with ± its standard error where the row has one."""
+    se = row.get(f"{column}_se")
+    if se is not None and row.get(column) is not None:
+        return f"{row[column]:.3f} ± {se:.3f}"
+    return format_cell(row.get(column))
+
+
 def markdown_table(report: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in report["rows"]:
-        lines.append("| " + " | ".join(format_cell(row.get(c)) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(row, c) for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -67,7 +100,7 @@ def print_rich_table(report: dict) -> None:
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "name" else "right")
     for row in report["rows"]:
-        table.add_row(*(format_cell(row.get(c)) for c in COLUMNS))
+        table.add_row(*(cell(row, c) for c in COLUMNS))
     Console(width=240).print(table)
 
 
@@ -108,6 +141,7 @@ def plot_quality(report: dict, png_path: Path) -> Path:
 def write_reports(report: dict, out_dir: Path) -> None:
     """quality.json, quality.md and quality.png under `out_dir`, plus the rich table on stdout."""
     out_dir = Path(out_dir)
+    report = with_standard_errors(report)
     write_json_atomic(out_dir / "quality.json", report, foreign_ok=True)
     markdown = f"# Quality table\n\n{markdown_table(report)}\n\n{caption(report)}\n"
     with atomic_path(out_dir / "quality.md", force=True, foreign_ok=True) as tmp:
