@@ -102,12 +102,14 @@ def export(artifact, out: str | Path, *, format: str = "gguf", via: str | None =
 
 
 def _export_gguf(artifact: Path, out: Path, re_round: bool, device: str | None, force: bool, log: Log):
-    from tasa_deploy.exporters.gguf import export_gguf
+    from tasa_deploy.exporters.gguf import export_gguf, gguf_architecture
     from tasa_deploy.quantized_dir import load_artifact
     from tasa_deploy.requantize import needs_requantize, requantize_for_gguf
 
-    if re_round or not needs_requantize(load_artifact(artifact)):
+    opened = load_artifact(artifact)
+    if re_round or not needs_requantize(opened):
         return export_gguf(artifact, out, force=force)
+    gguf_architecture(opened.config)  # an architecture the GGUF writer refuses: say so before minutes of GPTQ
     start = time.perf_counter()
     log(f"re-quantizing {artifact} onto GGML grids with GPTQ (its base model, plan and calibration mix); "
         "--re-round skips this (lossy)")
