@@ -130,6 +130,7 @@ def quantize(
     probe_snr: Annotated[Optional[float], typer.Option(help="Double the probe rows until every objective's signal-to-noise (median |block delta| / SE) reaches this.")] = None,
     max_probe_samples: Annotated[int, typer.Option(help="Upper bound on probe rows for --probe-snr.")] = 256,
     mix_samples: Annotated[int, typer.Option(help="Rows per data source for the mixture search.")] = 8,
+    mix_draws: Annotated[int, typer.Option(help="Repeat the mixture search on this many independent data draws and average the scores (spread kept in mix.json).")] = 1,
     work_dir: Annotated[Optional[Path], typer.Option(help="Stage artifacts (default: OUT.work); reruns resume from it.")] = None,
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Quantize with this tasa_plan.json (skips mix/profile/plan).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
@@ -145,7 +146,7 @@ def quantize(
                               quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
                               seed=seed, act_order=act_order, true_sequential=true_sequential,
                               probe_samples=probe_samples, probe_snr=probe_snr, max_probe_samples=max_probe_samples,
-                              mix_samples=mix_samples, work_dir=work_dir,
+                              mix_samples=mix_samples, mix_draws=mix_draws, work_dir=work_dir,
                               plan_path=plan_file, force=force, device=device, dtype=dtype)
 
     def on_block(index: int, total: int, resumed: bool) -> None:

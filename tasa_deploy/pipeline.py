@@ -61,6 +61,7 @@ class QuantizeRequest:
     probe_snr: float | None = None  # double the probe rows until every objective's signal-to-noise reaches this
     max_probe_samples: int = 256
     mix_samples: int = 8
+    mix_draws: int = 1  # repeat the mixture search on this many data draws and average the scores
     true_sequential: bool = False
     seed: int = 0
     act_order: bool = False
@@ -102,7 +103,7 @@ class QuantizeRequest:
                              "no plan can meet it; raise --bits or add a narrower --candidates width")
         if self.alpha is not None and not math.isfinite(self.alpha):
             raise UsageError(f"--alpha must be a number in [0, 1], got {self.alpha}")
-        for name in ("calib_samples", "seq_len", "probe_samples", "probe_seq_len", "mix_samples"):
+        for name in ("calib_samples", "seq_len", "probe_samples", "probe_seq_len", "mix_samples", "mix_draws"):
             if not 1 <= getattr(self, name) <= 1 << 20:
                 raise UsageError(f"--{name.replace('_', '-')} must be in 1..{1 << 20}, got {getattr(self, name)}")
         if not 0 <= self.seed < 1 << 32:
@@ -207,8 +208,9 @@ def request_to_json(request: QuantizeRequest) -> dict:
     """The request as stored in the plan: output locations (and the device, which changes float rounding only)
     left out so identical runs give identical files."""
     kept = {k: v for k, v in asdict(request).items() if k not in ("out", "work_dir", "force", "plan_path", "device")}
-    if kept["dtype"] is None:
-        del kept["dtype"]  # the default (fp32 on the CPU) leaves plans as they were before the option existed
+    for name, default in (("dtype", None), ("mix_draws", 1)):  # defaults leave plans as they were before
+        if kept[name] == default:
+            del kept[name]
     return kept
 
 
@@ -227,6 +229,8 @@ def stage_mix(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, w
     path = work_dir / "mix.json"
     wanted = {"general": request.general, "tasks": list(request.task_sources), "seed": request.seed,
               "forced_alpha": request.alpha, "samples": request.mix_samples, "seq_len": request.probe_seq_len * 2}
+    if request.mix_draws > 1:  # keyed only when used, so single-draw mix.json files stay reusable
+        wanted["draws"] = request.mix_draws
     if path.is_file():
         saved = CalibrationMix.load(path)
         if saved.model_fingerprint == fingerprint and settings_match(saved.settings.get("request", {}), wanted):
@@ -237,6 +241,7 @@ def stage_mix(loaded: LoadedModel, fingerprint: str, request: QuantizeRequest, w
     else:
         found = mix_stage.search_mixture(loaded.model, loaded.tokenizer, general=request.general,
                                          tasks=request.task_sources, n_samples=request.mix_samples,
+                                         draws=request.mix_draws,
                                          seq_len=request.probe_seq_len * 2, seed=request.seed,
                                          device=resolve_device(request.device))
         mix = CalibrationMix(found.model_fingerprint or fingerprint, found.alpha, found.general, found.tasks,

@@ -57,3 +57,15 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, calibration_data):
     namespace: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)  # our own README, not untrusted input
     assert Path("out/api-u4.gguf").is_file() and Path("out/api-u4/quantized.json").is_file()
+
+
+def test_quantize_mix_draws_reach_the_mixture_search(tiny_model_dir, tmp_path, calibration_data):
+    import json
+
+    artifact = tasa_deploy.quantize(str(tiny_model_dir), out=tmp_path / "d", tasks=["gsm8k"], bits=3.5,
+                                    mix_draws=2, mix_samples=2, probe_samples=4, probe_seq_len=32, **SMALL)
+    mix = json.loads((tmp_path / "d.work" / "mix.json").read_text())
+    assert len(mix["settings"]["draws"]["per_draw"]) == 2 and mix["settings"]["request"]["draws"] == 2
+    assert artifact.plan.info["request"]["mix_draws"] == 2
+    with pytest.raises(tasa_deploy.UsageError, match="mix-draws"):
+        tasa_deploy.quantize(str(tiny_model_dir), out=tmp_path / "e", mix_draws=0)
