@@ -136,18 +136,28 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A recipe YAML of quantize options (every "
+                                                   "artifact carries its own recipe.yaml); command-line options "
+                                                   "override it.")] = None,
+    ctx: typer.Context = None,
 ) -> None:
     """Run TASA (mix -> profile -> plan -> GPTQ) or a uniform quantization; write a quantized artifact."""
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
-    request = QuantizeRequest(model=model, out=out, bits=bits, method=method, target=target, tasks=_csv(tasks),
-                              task_data=tuple(task_data or ()), objective_loss=objective_loss,
-                              candidates=_ints(candidates), beta=beta, group_size=group_size, symmetric=not asym,
-                              quantizer=quantizer, alpha=alpha, calib_samples=calib_samples, seq_len=seq_len,
-                              seed=seed, act_order=act_order, true_sequential=true_sequential,
-                              probe_samples=probe_samples, probe_snr=probe_snr, max_probe_samples=max_probe_samples,
-                              mix_samples=mix_samples, mix_draws=mix_draws, work_dir=work_dir,
-                              plan_path=plan_file, force=force, device=device, dtype=dtype)
+    options = dict(model=model, bits=bits, method=method, target=target, tasks=_csv(tasks),
+                   task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=_ints(candidates),
+                   beta=beta, group_size=group_size, symmetric=not asym, quantizer=quantizer, alpha=alpha,
+                   calib_samples=calib_samples, seq_len=seq_len, seed=seed, act_order=act_order,
+                   true_sequential=true_sequential, probe_samples=probe_samples, probe_snr=probe_snr,
+                   max_probe_samples=max_probe_samples, mix_samples=mix_samples, mix_draws=mix_draws,
+                   device=device, dtype=dtype)
+    if config is not None:
+        from tasa_deploy.recipe import read_recipe
+
+        given = {_FIELD_OF_PARAM.get(name, name) for name in ctx.params
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+        options = {**read_recipe(config), **{k: v for k, v in options.items() if k in given}}
+    request = QuantizeRequest(**options, out=out, work_dir=work_dir, plan_path=plan_file, force=force)
 
     def on_block(index: int, total: int, resumed: bool) -> None:
         console.print(f"  block {index + 1}/{total} {'(resumed from checkpoint)' if resumed else 'quantized'}")
@@ -162,6 +172,9 @@ def quantize(
         out_console.print(f"calibration mix: alpha = {summary['alpha']} (share of general data)")
     out_console.print(_table("stage wall time (s)", [summary["stage_seconds"]]))
     out_console.print(f"wrote {path}")
+
+
+_FIELD_OF_PARAM = {"asym": "symmetric", "plan_file": "plan_path"}  # quantize's option names that differ
 
 
 def _print_plan_summary(plan) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -406,8 +407,14 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None,
     modules = times.run("quantize", quantize_model, loaded.model, plan, tokens, settings=settings,
                         resume_dir=work_dir / "gptq", on_block=on_block, device=device)
     tensors = unquantized_tensors(loaded.model, modules)
-    times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
-              tensors=tensors, force=request.force, inputs=request.inputs, extra_files=stage_files(work_dir))
+    with tempfile.TemporaryDirectory(prefix="tasa-recipe-") as tmp:
+        from tasa_deploy.recipe import recipe_text
+
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(recipe_text(request), encoding="utf-8")
+        times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
+                  tensors=tensors, force=request.force, inputs=request.inputs,
+                  extra_files=(*stage_files(work_dir), recipe))
     summary = {"stage_seconds": times.seconds, "plan": plan, "alpha": mix.alpha if mix else None}
     if request.method == "tasa" and request.plan_path is None:
         from tasa_deploy import plan as plan_stage
