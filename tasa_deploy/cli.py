@@ -76,6 +76,9 @@ DeviceOption = Annotated[Optional[str], typer.Option(
 DtypeOption = Annotated[Optional[str], typer.Option(
     "--dtype", help="Weight dtype: bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on the CPU). Hessians, Grams "
                     "and losses accumulate in fp32/fp64 either way.")]
+WorkersOption = Annotated[Optional[str], typer.Option(
+    "--workers", help="Run the profile's per-block experiments on Ray: N local workers, or a Ray address "
+                      "(ray://host:10001, auto). Same results as the serial run.")]
 ObjectiveLossOption = Annotated[str, typer.Option(
     "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
                              "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]
@@ -136,6 +139,7 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    workers: WorkersOption = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A recipe YAML of quantize options (every "
                                                    "artifact carries its own recipe.yaml); command-line options "
                                                    "override it.")] = None,
@@ -150,7 +154,7 @@ def quantize(
                    calib_samples=calib_samples, seq_len=seq_len, seed=seed, act_order=act_order,
                    true_sequential=true_sequential, probe_samples=probe_samples, probe_snr=probe_snr,
                    max_probe_samples=max_probe_samples, mix_samples=mix_samples, mix_draws=mix_draws,
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, workers=_workers(workers))
     if config is not None:
         from tasa_deploy.recipe import read_recipe
 
@@ -172,6 +176,11 @@ def quantize(
         out_console.print(f"calibration mix: alpha = {summary['alpha']} (share of general data)")
     out_console.print(_table("stage wall time (s)", [summary["stage_seconds"]]))
     out_console.print(f"wrote {path}")
+
+
+def _workers(value: str | None) -> int | str | None:
+    """--workers N (local Ray workers) or a Ray address."""
+    return int(value) if value is not None and value.strip().lstrip("-").isdigit() else value
 
 
 _FIELD_OF_PARAM = {"asym": "symmetric", "plan_file": "plan_path"}  # quantize's option names that differ
@@ -248,6 +257,7 @@ def profile(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing profile written by tasa-deploy.")] = False,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    workers: WorkersOption = None,
 ) -> None:
     """Measure per-layer, per-objective RTN sensitivity; write profile.json (resumes per layer)."""
     from tasa_deploy import plan as plan_stage
@@ -258,7 +268,7 @@ def profile(
     request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), objective_loss=objective_loss,
                               target=target, candidates=_ints(candidates), probe_samples=probe_samples,
                               probe_snr=probe_snr, max_probe_samples=max_probe_samples, probe_seq_len=seq_len,
-                              seed=seed, device=device, dtype=dtype)
+                              seed=seed, device=device, dtype=dtype, workers=_workers(workers))
     check_output(out, force=force)
     loaded = load_model(model, resolve_dtype(dtype, resolve_device(device)))
     result = measure_request_profile(loaded, request, lambda n: out.with_name(f"{out.name}.partial.{n}"),

@@ -71,6 +71,7 @@ class QuantizeRequest:
     force: bool = False
     device: str | None = None  # cpu | cuda | cuda:N (None: cuda when available); blocks onload one at a time
     dtype: str | None = None  # bf16 | fp16 | fp32 weights (None: bf16 on CUDA, fp32 on the CPU)
+    workers: int | str | None = None  # the profile's per-block experiments on Ray: N local workers or an address
 
     def __post_init__(self) -> None:
         if self.method not in ("tasa", "uniform"):
@@ -110,6 +111,8 @@ class QuantizeRequest:
         if not 0 <= self.seed < 1 << 32:
             raise UsageError(f"--seed must be in 0..{(1 << 32) - 1}, got {self.seed}")
         resolve_dtype(self.dtype, resolve_device(self.device))  # one-line errors before any work
+        if isinstance(self.workers, int) and self.workers < 1:
+            raise UsageError(f"--workers must be >= 1 or a Ray address, got {self.workers}")
         if self.group_size is not None and self.group_size not in (*INT_GROUP_SIZES, -1):
             raise UsageError(f"group size must be one of {', '.join(map(str, INT_GROUP_SIZES))} or -1 "
                              f"(one scale per row), got {self.group_size}")
@@ -206,9 +209,10 @@ def settings_match(saved: dict, wanted: dict) -> bool:
 
 
 def request_to_json(request: QuantizeRequest) -> dict:
-    """The request as stored in the plan: output locations (and the device, which changes float rounding only)
-    left out so identical runs give identical files."""
-    kept = {k: v for k, v in asdict(request).items() if k not in ("out", "work_dir", "force", "plan_path", "device")}
+    """The request as stored in the plan: output locations, the device (float rounding only) and the Ray
+    workers (byte-identical results) left out, so identical runs give identical files."""
+    kept = {k: v for k, v in asdict(request).items()
+            if k not in ("out", "work_dir", "force", "plan_path", "device", "workers")}
     for name, default in (("dtype", None), ("mix_draws", 1)):  # defaults leave plans as they were before
         if kept[name] == default:
             del kept[name]
@@ -287,7 +291,8 @@ def measure_request_profile(loaded: LoadedModel, request: QuantizeRequest, parti
     from tasa_deploy import profile as profile_stage
     from tasa_deploy.objectives import load_probe_set
 
-    kwargs = {**profile_kwargs(request), "device": resolve_device(request.device)}
+    kwargs = {**profile_kwargs(request), "device": resolve_device(request.device), "workers": request.workers,
+              "model_source": request.model}
     if request.probe_snr is None:
         return profile_stage.measure_profile(loaded.model, loaded.tokenizer, objectives=request.objectives,
                                              n_probe=request.probe_samples,

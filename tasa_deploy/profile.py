@@ -334,35 +334,58 @@ def _console_progress(enabled: bool):
                     TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
 
 
-def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path: Path, progress: bool,
-                on_layer: Callable[[int], None] | None, notice: str = "") -> None:
-    """Measure the blocks not yet in `state`, saving it atomically after each one."""
-    settings, blocks = state["settings"], decoder_blocks(model)
-    batches = [(name, i) for name in settings["objectives"] for i in range(len(probes[name].batches))]
+def prepare_inputs(model: nn.Module, state: dict, probes: dict[str, ProbeSet]) -> tuple[list, list, list]:
+    """(batches, block-0 inputs, KL references) of the probe sets; fills the state's baselines when missing."""
+    batches = [(name, i) for name in state["settings"]["objectives"] for i in range(len(probes[name].batches))]
     device = next(_final_norm(model).parameters()).device  # measure_profile placed the shell there
     hidden = capture_block_inputs(model, [probes[name].batches[i].tokens.to(device) for name, i in batches])
     references: list[torch.Tensor | None] = [None] * len(batches)
-    if state["baselines"] is None or any(get_objective(o).score == "kl" for o in settings["objectives"]):
+    if state["baselines"] is None or any(get_objective(o).score == "kl" for o in state["settings"]["objectives"]):
         baseline, references = tail_losses(model, 0, hidden, batches, probes)  # + the KL objectives' references
-    if state["baselines"] is None:
-        state["baselines"] = {name: rows.loss for name, rows in baseline.items()}
-        state["baseline_rows"] = {name: {"num": rows.num.tolist(), "den": rows.den.tolist()}
-                                  for name, rows in baseline.items()}
-        write_json_atomic(path, state)
+        if state["baselines"] is None:
+            state["baselines"] = {name: rows.loss for name, rows in baseline.items()}
+            state["baseline_rows"] = {name: {"num": rows.num.tolist(), "den": rows.den.tolist()}
+                                      for name, rows in baseline.items()}
+    return batches, hidden, references
+
+
+def measure_layer(model: nn.Module, layer: int, state: dict, probes: dict[str, ProbeSet], batches: list,
+                  hidden: list, references: list) -> tuple[dict, list]:
+    """One block's experiment from its full-precision inputs: (its JSON record, the next block's inputs)."""
+    settings, block = state["settings"], decoder_blocks(model)[layer]
+    losses = quantized_block_losses(model, layer, settings["probe_bits"], hidden, batches, probes, references)
+    hidden, grams = advance_block(block, hidden, batches, probes)
+    with onloaded(block, hidden[0].hidden_states.device):
+        units = layer_unit_shares(block, block_units(model, layer, settings), settings["probe_bits"], grams)
+    return layer_record(layer, state["baseline_rows"], losses, units), hidden
+
+
+def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path: Path, progress: bool,
+                on_layer: Callable[[int], None] | None, notice: str = "", workers=None,
+                model_source: str | None = None) -> None:
+    """Measure the blocks not yet in `state`, saving it atomically after each one (on Ray with `workers`)."""
+    blocks = decoder_blocks(model)
+    batches, hidden, references = prepare_inputs(model, state, probes)
+    write_json_atomic(path, state)
     start = len(state["layers"])
     with _console_progress(progress) as bar:
         task = bar.add_task(f"{len(probes)} objectives", total=len(blocks), completed=start)
         if notice or start:
             bar.console.print(notice or f"resuming from layer {start} ({path})")
-        for layer in range(start):
-            hidden, _ = advance_block(blocks[layer], hidden, batches, probes)
+        if workers is not None:
+            from tasa_deploy.distributed import measure_layers_on_ray
+
+            records = measure_layers_on_ray(model_source, model, state, probes, range(start, len(blocks)), workers)
+        else:
+            for layer in range(start):
+                hidden, _ = advance_block(blocks[layer], hidden, batches, probes)
+            records = None
         for layer in range(start, len(blocks)):
-            losses = quantized_block_losses(model, layer, settings["probe_bits"], hidden, batches, probes, references)
-            hidden, grams = advance_block(blocks[layer], hidden, batches, probes)
-            with onloaded(blocks[layer], device):
-                units = layer_unit_shares(blocks[layer], block_units(model, layer, settings), settings["probe_bits"],
-                                          grams)
-            state["layers"].append(layer_record(layer, state["baseline_rows"], losses, units))
+            if records is None:
+                record, hidden = measure_layer(model, layer, state, probes, batches, hidden, references)
+            else:
+                record = next(records)
+            state["layers"].append(record)
             write_json_atomic(path, state)
             bar.advance(task)
             if on_layer is not None:
@@ -375,11 +398,15 @@ def measure_profile(model: nn.Module, tokenizer, *, objectives: Sequence[str] = 
                     progress: bool = True, gguf_types: Iterable[str] | None = None,
                     probes: dict[str, ProbeSet] | None = None,
                     on_layer: Callable[[int], None] | None = None,
-                    device: torch.device | None = None) -> SensitivityProfile:
+                    device: torch.device | None = None, workers=None,
+                    model_source: str | None = None) -> SensitivityProfile:
     """Measure (or reuse / resume) the TASA sensitivity profile of `model`.
 
     device: where blocks run, onloaded one at a time (default: where the model is); results are reduced on
     the host, and the state file does not depend on the device.
+    workers: run the per-block experiments as Ray tasks (`distributed.measure_layers_on_ray`): an int starts a
+    local Ray cluster with that many workers, a string is a Ray address; each task loads `model_source` itself.
+    The state is byte-identical to the serial run's.
     partial_path: the resumable state file; None -> $TASA_CACHE/profiles/<hash of model, data, settings>.json.
     probes: ready probe sets by objective (default: `objectives.load_probe_set` from the data registry).
     on_layer: called with each block index after its result is saved (progress hooks, tests).
@@ -404,7 +431,7 @@ def measure_profile(model: nn.Module, tokenizer, *, objectives: Sequence[str] = 
                       "baseline_rows": None, "layers": []}
     if len(state["layers"]) < len(decoder_blocks(model)):
         place_shell(model, device or next(model.parameters()).device)
-        _run_layers(model, state, probes, path, progress, on_layer, notice)
+        _run_layers(model, state, probes, path, progress, on_layer, notice, workers, model_source)
     return profile_from_state(state)
 
 
