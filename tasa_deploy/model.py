@@ -241,6 +241,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm after the last decoder block (model.model.norm; Gemma-3's text model one level deeper)."""
+    inner = model.model
+    return inner.norm if hasattr(inner, "norm") else inner.language_model.norm
+
+
 def block_prefix(model: nn.Module, index: int) -> str:
     """HF name prefix of block `index`, e.g. 'model.layers.3'."""
     target = decoder_blocks(model)[index]

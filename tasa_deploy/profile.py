@@ -54,7 +54,7 @@ from tasa_deploy.device import onloaded, place_shell
 from tasa_deploy.moments import SecondMoment
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
 from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, block_linears, block_prefix, cache_root, decoder_blocks,
-                               model_fingerprint)
+                               final_norm, model_fingerprint)
 from tasa_deploy.objectives import (ProbeSet, RowLosses, get_objective, load_probe_set, output_logits_fn,
                                     reduce_probe, scored_loss_sums, scored_states)
 from tasa_deploy.quant.rtn import fake_quantize_rtn
@@ -152,11 +152,6 @@ def block_units(model: nn.Module, layer: int, settings: dict) -> list[UnitLayout
 
 
 # ----------------------------------------------------------------------------------------- forwards
-def _final_norm(model: nn.Module) -> nn.Module:
-    inner = model.model
-    return inner.norm if hasattr(inner, "norm") else inner.language_model.norm
-
-
 @torch.no_grad()
 def tail_losses(model: nn.Module, start: int, hidden: Sequence[BlockInputs], batches: Sequence[tuple[str, int]],
                 probes: dict[str, ProbeSet], references: Sequence[torch.Tensor | None] | None = None
@@ -168,7 +163,7 @@ def tail_losses(model: nn.Module, start: int, hidden: Sequence[BlockInputs], bat
     (the unquantized baseline) their losses are 0 by definition and the states are returned to be those
     references (second value; None for the other objectives' batches).
     """
-    blocks, norm, logits_fn = decoder_blocks(model), _final_norm(model), output_logits_fn(model)
+    blocks, norm, logits_fn = decoder_blocks(model), final_norm(model), output_logits_fn(model)
     sums: dict[str, list[torch.Tensor]] = {name: [] for name in probes}
     kept: list[torch.Tensor | None] = []
     current = list(hidden)
@@ -337,7 +332,7 @@ def _console_progress(enabled: bool):
 def prepare_inputs(model: nn.Module, state: dict, probes: dict[str, ProbeSet]) -> tuple[list, list, list]:
     """(batches, block-0 inputs, KL references) of the probe sets; fills the state's baselines when missing."""
     batches = [(name, i) for name in state["settings"]["objectives"] for i in range(len(probes[name].batches))]
-    device = next(_final_norm(model).parameters()).device  # measure_profile placed the shell there
+    device = next(final_norm(model).parameters()).device  # measure_profile placed the shell there
     hidden = capture_block_inputs(model, [probes[name].batches[i].tokens.to(device) for name, i in batches])
     references: list[torch.Tensor | None] = [None] * len(batches)
     if state["baselines"] is None or any(get_objective(o).score == "kl" for o in state["settings"]["objectives"]):

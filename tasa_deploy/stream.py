@@ -33,7 +33,7 @@ from torch import nn
 from tasa_deploy import UsageError
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, run_block
 from tasa_deploy.device import onloaded, place_shell
-from tasa_deploy.model import FUSED_GROUPS, block_linears, decoder_blocks
+from tasa_deploy.model import FUSED_GROUPS, block_linears, decoder_blocks, final_norm
 from tasa_deploy.quant.gptq import accumulate_hessian, make_empty_hessian
 
 HEAD_CHUNK = 512  # positions whose logits exist at once
@@ -82,9 +82,8 @@ def _head_loss_grad(model: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor
                     share: float) -> tuple[float, torch.Tensor]:
     """Mean next-token NLL of `tokens` [B, T] from the last block's output [B, T, H], and d(share x loss)/d hidden."""
     from tasa_deploy.objectives import output_logits_fn
-    from tasa_deploy.profile import _final_norm
 
-    norm, logits_fn = _final_norm(model), output_logits_fn(model)
+    norm, logits_fn = final_norm(model), output_logits_fn(model)
     hidden = hidden.detach().requires_grad_(True)
     with torch.enable_grad():
         states = norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])  # [P, H]

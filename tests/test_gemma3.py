@@ -22,7 +22,8 @@ from tasa_deploy.capture import BlockInputs, capture_block_inputs, next_block_in
 from tasa_deploy.cli import app
 from tasa_deploy.model import decoder_blocks, load_artifact_model, load_model, quantizable_modules
 from tasa_deploy.objectives import build_probe_set, evaluate_objective, output_logits_fn
-from tasa_deploy.profile import _final_norm, measure_profile
+from tasa_deploy.model import final_norm
+from tasa_deploy.profile import measure_profile
 from test_profile import rtn_block_copy
 
 LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
@@ -84,7 +85,7 @@ def _replayed_logits(model, tokens: torch.Tensor, same_kwargs_for_all: bool = Fa
             inputs = BlockInputs(hidden, index + 1, inputs.block_kwargs)
         else:
             inputs = next_block_inputs(block, inputs)
-    return output_logits_fn(model)(_final_norm(model)(inputs.hidden_states))
+    return output_logits_fn(model)(final_norm(model)(inputs.hidden_states))
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
