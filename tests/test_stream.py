@@ -1,10 +1,11 @@
-"""Block-streamed statistics (tasa_deploy.stream) against full-model autograd (`mix.measure_source`), and the
+"""Block-streamed statistics (tasa_deploy.stream) against full-model autograd (`mix_reference.measure_source`), and the
 one-factorization trace spectrum against a direct Cholesky solve per alpha."""
 
 import pytest
 import torch
 
 from tasa_deploy import mix
+import mix_reference
 from tasa_deploy.stream import stream_block_stats
 from test_mix import VOCAB, tiny_llama
 
@@ -22,7 +23,7 @@ def sources():
 def test_streamed_gradients_and_grams_equal_full_autograd(sources, spill):
     model = tiny_llama(seed=1)
     flags = [p.requires_grad for p in model.parameters()]
-    reference = {name: mix.measure_source(model, tokens, batch_size=4) for name, tokens in sources.items()}
+    reference = {name: mix_reference.measure_source(model, tokens, batch_size=4) for name, tokens in sources.items()}
     losses = {}
     blocks = list(stream_block_stats(model, sources, batch_size=4, losses=losses,
                                      memory_budget=0 if spill else 1 << 40))
