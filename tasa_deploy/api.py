@@ -63,11 +63,11 @@ def quantize(model: Any = "smollm2-135m", *, out: str | Path, tokenizer=None, ta
              bits: float = 3.5, task_data: Mapping[str, Any] | None = None, log: Log = _quiet, on_block=None,
              **options):
     """Run TASA (or `method="uniform"`) and return the written artifact (`quantized_dir.QuantizedArtifact`)."""
-    from tasa_deploy.pipeline import QuantizeRequest, run_quantize
+    from tasa_deploy.pipeline import QuantizeRequest, default_work_dir, run_quantize
     from tasa_deploy.quantized_dir import load_artifact
 
     out = Path(out)
-    work_dir = Path(options.pop("work_dir", None) or out.with_name(out.name + ".work"))
+    work_dir = Path(options.pop("work_dir", None) or default_work_dir(out))
     name = getattr(model, "name_or_path", "")  # an in-memory model loaded from a local dir keeps that name
     source = model if isinstance(model, (str, Path)) else name if name and Path(name).is_dir() else "in-memory"
     request = QuantizeRequest(model=str(source), out=out, bits=bits, tasks=tuple(tasks), work_dir=work_dir,

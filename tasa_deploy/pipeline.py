@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -138,7 +138,15 @@ class QuantizeRequest:
 
     @property
     def resolved_work_dir(self) -> Path:
-        return self.work_dir or self.out.with_name(self.out.name + ".work")
+        return self.work_dir or default_work_dir(self.out)
+
+
+def default_work_dir(out: Path) -> Path:
+    """Where a run keeps its stage artifacts unless told otherwise: OUT.work beside the output."""
+    return Path(out).with_name(Path(out).name + ".work")
+
+
+TUPLE_FIELDS = tuple(f.name for f in fields(QuantizeRequest) if isinstance(f.default, tuple))  # JSON lists -> tuples
 
 
 @dataclass

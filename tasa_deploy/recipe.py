@@ -15,7 +15,6 @@ from tasa_deploy import UsageError
 
 HEADER = "# tasa-deploy quantize recipe: `tasa-deploy quantize --config THIS --out DIR` repeats the run\n"
 _NOT_RECIPE = ("out", "work_dir", "force", "plan_path")  # where a run writes, not what it does
-_TUPLES = ("tasks", "task_data", "candidates")
 
 
 def recipe_fields() -> dict[str, dataclasses.Field]:
@@ -28,6 +27,7 @@ def read_recipe(path: Path) -> dict:
     """The recipe's options as QuantizeRequest keyword arguments; one-line errors for a bad file."""
     import yaml
 
+    from tasa_deploy.pipeline import TUPLE_FIELDS
     from tasa_deploy.schema import MAX_JSON_BYTES
 
     path = Path(path)
@@ -47,7 +47,7 @@ def read_recipe(path: Path) -> dict:
         name = str(key).replace("-", "_")
         if name not in fields:
             raise UsageError(f"--config {path}: unknown option '{key}'; known: {', '.join(sorted(fields))}")
-        if name in _TUPLES:
+        if name in TUPLE_FIELDS:
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             elif isinstance(value, list):

@@ -19,9 +19,6 @@ from typing import Callable
 from tasa_deploy import UsageError
 from tasa_deploy.quantized_dir import QuantizedArtifact
 
-_TUPLE_FIELDS = ("tasks", "task_data", "candidates")
-
-
 def needs_requantize(artifact: QuantizedArtifact) -> bool:
     """True when some module is on the int grid (a GGUF export would have to re-round it)."""
     from tasa_deploy.exporters.gguf_pack import GGUF_QTYPE
@@ -31,14 +28,14 @@ def needs_requantize(artifact: QuantizedArtifact) -> bool:
 
 def gguf_request(artifact: QuantizedArtifact, out: Path, work_dir: Path):
     """The QuantizeRequest that made `artifact`, retargeted: GGUF grids, the artifact's own plan and alpha."""
-    from tasa_deploy.pipeline import QuantizeRequest
+    from tasa_deploy.pipeline import TUPLE_FIELDS, QuantizeRequest
 
     stored = artifact.plan.info.get("request")
     if not isinstance(stored, dict) or "model" not in stored:
         raise UsageError(f"{artifact.path}: tasa_plan.json does not record how it was quantized (info.request); "
                          "re-quantizing for GGUF needs it - export with --re-round (lossy) instead")
     known = {f.name for f in dataclasses.fields(QuantizeRequest)}
-    kwargs = {k: (tuple(v) if k in _TUPLE_FIELDS else v) for k, v in stored.items() if k in known}
+    kwargs = {k: (tuple(v) if k in TUPLE_FIELDS else v) for k, v in stored.items() if k in known}
     plan_path = work_dir / "source_plan.json"
     artifact.plan.save(plan_path)
     alpha = artifact.plan.info.get("alpha")
