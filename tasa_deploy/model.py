@@ -30,6 +30,8 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 # Modules vLLM serves as one fused layer: they must share one quantization width.
 FUSED_GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "o": ("self_attn.o_proj",), "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+# Linears that read the same input as another one -> that one (the first of their fused group): one Gram serves both
+SHARED_INPUT = {member: members[0] for members in FUSED_GROUPS.values() for member in members[1:]}
 
 
 @dataclass(frozen=True)

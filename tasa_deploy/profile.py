@@ -53,8 +53,8 @@ from tasa_deploy.artifacts import PLAN_TARGETS, SensitivityProfile, UnitSensitiv
 from tasa_deploy.device import onloaded, place_shell
 from tasa_deploy.moments import SecondMoment
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
-from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, block_linears, block_prefix, cache_root, decoder_blocks,
-                               final_norm, model_fingerprint)
+from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, SHARED_INPUT, block_linears, block_prefix, cache_root,
+                               decoder_blocks, final_norm, model_fingerprint)
 from tasa_deploy.objectives import (ProbeSet, RowLosses, get_objective, load_probe_set, output_logits_fn,
                                     reduce_probe, scored_loss_sums, scored_states)
 from tasa_deploy.quant.rtn import fake_quantize_rtn
@@ -62,9 +62,6 @@ from tasa_deploy.quant.spec import QuantSpec, default_group_size
 from tasa_deploy.stats import SHRINKAGE_RULE, ratio_mean_se, shrink
 
 PARTIAL_SCHEMA = "tasa-profile-partial/2"
-# Linears that read the same input as another one: their Gram matrix is that module's.
-SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
-                "mlp.up_proj": "mlp.gate_proj"}
 UNIT_ERROR_PROXY = "shrunk(layer_delta) * E(u,c) / sum_u' E(u',probe); E = tr(dW H_k dW^T)"
 
 
