@@ -106,8 +106,8 @@ def _export_gguf(artifact: Path, out: Path, re_round: bool, device: str | None, 
     from tasa_deploy.quantized_dir import load_artifact
     from tasa_deploy.requantize import needs_requantize, requantize_for_gguf
 
-    opened = load_artifact(artifact)
-    if re_round or not needs_requantize(opened):
+    opened = None if re_round else load_artifact(artifact)
+    if opened is None or not needs_requantize(opened):
         return export_gguf(artifact, out, force=force)
     gguf_architecture(opened.config)  # an architecture the GGUF writer refuses: say so before minutes of GPTQ
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def _export_gguf(artifact: Path, out: Path, re_round: bool, device: str | None, 
         "--re-round skips this (lossy)")
     work = Path(tempfile.mkdtemp(prefix=".tasa-regguf-", dir=out.resolve().parent))
     try:
-        regridded, summary = requantize_for_gguf(artifact, work, log=_quiet, device=device)
+        regridded, summary = requantize_for_gguf(opened, work, log=_quiet, device=device)
         report = export_gguf(regridded, out, force=force)
     finally:
         shutil.rmtree(work, ignore_errors=True)

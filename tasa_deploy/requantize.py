@@ -26,7 +26,7 @@ def needs_requantize(artifact: QuantizedArtifact) -> bool:
     return any(qt.fmt not in GGUF_QTYPE for qt in artifact.modules.values())
 
 
-def gguf_request(artifact: QuantizedArtifact, out: Path, work_dir: Path):
+def gguf_request(artifact: QuantizedArtifact, out: Path, work_dir: Path, device: str | None = None):
     """The QuantizeRequest that made `artifact`, retargeted: GGUF grids, the artifact's own plan and alpha."""
     from tasa_deploy.pipeline import TUPLE_FIELDS, QuantizeRequest
 
@@ -40,24 +40,20 @@ def gguf_request(artifact: QuantizedArtifact, out: Path, work_dir: Path):
     artifact.plan.save(plan_path)
     alpha = artifact.plan.info.get("alpha")
     return QuantizeRequest(**{**kwargs, "target": "gguf", "plan_path": plan_path, "out": out,
-                              "work_dir": work_dir / "work", "force": False,
+                              "work_dir": work_dir / "work", "force": False, "device": device,
                               "alpha": alpha if alpha is not None else kwargs.get("alpha")})
 
 
-def requantize_for_gguf(artifact_dir: Path, work_dir: Path, log: Callable[[str], None] = print,
+def requantize_for_gguf(artifact: QuantizedArtifact, work_dir: Path, log: Callable[[str], None] = print,
                         on_block=None, device: str | None = None) -> tuple[Path, dict]:
-    """GPTQ the artifact's base model onto the GGML grids with the artifact's plan and calibration mixture;
-    returns (the new GGUF-grid artifact under work_dir, run_quantize's summary)."""
+    """GPTQ the (opened) artifact's base model onto the GGML grids with the artifact's plan and calibration
+    mixture; returns (the new GGUF-grid artifact under work_dir, run_quantize's summary)."""
     from tasa_deploy.pipeline import run_quantize
-    from tasa_deploy.quantized_dir import load_artifact
 
-    artifact = load_artifact(Path(artifact_dir))
     work_dir.mkdir(parents=True, exist_ok=True)
-    request = gguf_request(artifact, work_dir / "gguf-artifact", work_dir)
-    if device is not None:
-        request = dataclasses.replace(request, device=device)
+    request = gguf_request(artifact, work_dir / "gguf-artifact", work_dir, device)
     try:
         return run_quantize(request, log=log, on_block=on_block)
     except UsageError as exc:
-        raise UsageError(f"re-quantizing {artifact_dir} for GGUF failed: {exc} (or export with --re-round, lossy)",
+        raise UsageError(f"re-quantizing {artifact.path} for GGUF failed: {exc} (or export with --re-round, lossy)",
                          ) from None

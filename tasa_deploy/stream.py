@@ -139,15 +139,14 @@ def _forward_all(model, sources, batch_size, device, stash, losses):
                 x = BlockInputs(inputs[key].hidden_states, index, kwargs[key])
                 inputs[key] = BlockInputs(run_block(block, x), index + 1, kwargs[key])
                 stash.put((*key, index + 1), inputs[key].hidden_states)
-    for name, tokens in sources.items():
-        total = 0.0
-        for (source, i), chunk in batches.items():
-            if source == name:
-                hidden = stash.pop((source, i, len(blocks))).to(device)
-                loss, out_grads[(source, i)] = _head_loss_grad(model, hidden, chunk, chunk.shape[0] / tokens.shape[0])
-                total += loss * chunk.shape[0] / tokens.shape[0]
-        if losses is not None:
-            losses[name] = total
+    totals = dict.fromkeys(sources, 0.0)
+    for (source, i), chunk in batches.items():
+        share = chunk.shape[0] / sources[source].shape[0]  # equal T: micro-batch means weighted by rows
+        hidden = stash.pop((source, i, len(blocks))).to(device)
+        loss, out_grads[(source, i)] = _head_loss_grad(model, hidden, chunk, share)
+        totals[source] += loss * share
+    if losses is not None:
+        losses.update(totals)
     return kwargs, out_grads
 
 
