@@ -27,6 +27,7 @@ from tasa_deploy.artifacts import BitPlan
 from tasa_deploy.outputs import atomic_path, write_json_atomic
 from tasa_deploy.quant.spec import QuantSpec
 from tasa_deploy.quant.tensor import QuantizedTensor
+from tasa_deploy.safetensors_io import LazyTensor, write_safetensors
 from tasa_deploy.schema import Loc, check_schema, check_value, get_field, get_items, name_mismatch, read_json
 from tasa_deploy.weights_check import check_weights
 
@@ -54,12 +55,13 @@ class QuantizedArtifact:
 def save_artifact(out_dir: Path, *, base_model_dir: Path, plan: BitPlan, modules: Mapping[str, QuantizedTensor],
                   tensors: Mapping[str, torch.Tensor], force: bool = False, inputs: tuple[Path, ...] = (),
                   extra_files: tuple[Path, ...] = ()) -> Path:
-    """Write the quantized directory atomically (temp dir + rename); `extra_files` are copied in too."""
-    from safetensors.torch import save_file
-
+    """Write the quantized directory atomically (temp dir + rename); `extra_files` are copied in too.
+    model.safetensors is streamed one tensor at a time (`safetensors_io`): `modules` may be GPTQ's `BlockFiles`,
+    read back from disk module by module, so saving does not hold the quantized model in memory."""
     out_dir = Path(out_dir)
     config = read_json(Path(base_model_dir) / "config.json", "model config", allow_nonfinite=True)
-    check_weights(config, _stored_shapes(modules, tensors), str(out_dir))
+    index = {name: _index_meta(qt) for name, qt in modules.items()}  # reads each module once (BlockFiles)
+    check_weights(config, _stored_shapes({n: meta["shape"] for n, meta in index.items()}, tensors), str(out_dir))
     with atomic_path(out_dir, is_dir=True, force=force, inputs=inputs) as tmp:
         for item in extra_files:
             shutil.copy2(item, tmp / Path(item).name)
@@ -67,18 +69,26 @@ def save_artifact(out_dir: Path, *, base_model_dir: Path, plan: BitPlan, modules
             if item.suffix in (".json", ".txt", ".model", ".jinja") and item.name not in ("quantized.json", "tasa_plan.json"):
                 if not item.name.endswith(".index.json"):
                     shutil.copy2(item, tmp / item.name)
-        flat: dict[str, torch.Tensor] = {k: v.contiguous() for k, v in tensors.items()}
-        index = {}
-        for name, qt in modules.items():
-            flat.update({k: v.contiguous() for k, v in qt.tensors(name).items()})
-            index[name] = {"fmt": qt.fmt, "bits": qt.bits, "group_size": qt.group_size,
-                           "symmetric": qt.symmetric, "shape": list(qt.shape)}
-        save_file(dict(sorted(flat.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        flat = {k: LazyTensor.of(v) for k, v in tensors.items()}
+        flat.update(_module_tensors(modules))
+        write_safetensors(tmp / "model.safetensors", flat, metadata={"format": "pt"})
         plan.save(tmp / "tasa_plan.json")
         write_json_atomic(tmp / "quantized.json", {"schema": ARTIFACT_SCHEMA,
                                                     "model_fingerprint": plan.model_fingerprint,
                                                     "modules": index})
     return out_dir
+
+
+def _module_tensors(modules: Mapping[str, QuantizedTensor]) -> dict[str, LazyTensor]:
+    """The stored tensors of every quantized module, unloaded where the mapping can say so (`BlockFiles`)."""
+    if hasattr(modules, "flat_tensors"):
+        return modules.flat_tensors()
+    return {key: LazyTensor.of(value) for name, qt in modules.items() for key, value in qt.tensors(name).items()}
+
+
+def _index_meta(qt: QuantizedTensor) -> dict:
+    return {"fmt": qt.fmt, "bits": qt.bits, "group_size": qt.group_size, "symmetric": qt.symmetric,
+            "shape": list(qt.shape)}
 
 
 def load_artifact(path: Path) -> QuantizedArtifact:
@@ -110,15 +120,15 @@ def load_artifact(path: Path) -> QuantizedArtifact:
             raise UsageError(f"{path}: module {name} has shape {list(qt.shape)}, index says {meta['shape']}")
         modules[name] = qt
     dense = _dense_tensors(flat, modules, weights)
-    check_weights(config, _stored_shapes(modules, dense), str(path),
+    check_weights(config, _stored_shapes({n: qt.shape for n, qt in modules.items()}, dense), str(path),
                   "the artifact is incomplete (made by an older tasa-deploy?) — rerun `tasa-deploy quantize`")
     return QuantizedArtifact(path, config, plan, modules, dense)
 
 
-def _stored_shapes(modules: Mapping[str, QuantizedTensor], tensors: Mapping[str, torch.Tensor]) -> dict:
+def _stored_shapes(module_shapes: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> dict:
     """{HF parameter name: shape} of what an artifact holds: quantized weights by their module's shape."""
     return {**{name: tuple(t.shape) for name, t in tensors.items()},
-            **{f"{name}.weight": tuple(qt.shape) for name, qt in modules.items()}}
+            **{f"{name}.weight": tuple(shape) for name, shape in module_shapes.items()}}
 
 
 def _index_entries(index: dict, plan: BitPlan, path: Path) -> dict[str, dict]:

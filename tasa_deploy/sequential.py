@@ -9,9 +9,12 @@ block collects every Hessian of the block (2 block passes in all, counting the o
 `true_sequential` the fused groups are quantized in execution order (q/k/v, o, gate/up, down), each calibrated on
 inputs that already see the quantized earlier groups (5 passes: better, and 2.5x slower on a CPU).
 
-Resume: after each block its quantized tensors are saved to `resume_dir/block_XXX.safetensors` (atomically).
-A rerun with the same plan and calibration data loads finished blocks, replays them to rebuild the
-activations, and continues; the result is byte-identical to an uninterrupted run (CPU, deterministic ops).
+Resume and bounded memory: with a `resume_dir`, each block's quantized tensors are saved to
+`resume_dir/block_XXX.safetensors` (atomically) as soon as the block is done, and dropped from memory: the result
+is a `BlockFiles` mapping that reads a module back only when asked (the artifact writer streams them,
+`safetensors_io`), so host memory does not grow with depth. A rerun with the same plan and calibration data
+loads finished blocks, replays them to rebuild the activations, and continues; the result is byte-identical to an
+uninterrupted run (CPU, deterministic ops). Without a `resume_dir` the tensors are returned in a dict.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -32,6 +35,7 @@ from tasa_deploy.device import onloaded, place_shell
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs, run_block
 from tasa_deploy.model import FUSED_GROUPS, block_linears, block_prefix, decoder_blocks, quantizable_modules
 from tasa_deploy.quant import QuantizedTensor, accumulate_hessian, make_empty_hessian, quantize_rtn, quantize_weight
+from tasa_deploy.safetensors_io import LazyTensor, lazy_tensors
 
 BlockCallback = Callable[[int, int, bool], None]  # (block index, total blocks, resumed?) -> None
 
@@ -49,9 +53,10 @@ class GPTQSettings:
 def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Tensor, *,
                    settings: GPTQSettings = GPTQSettings(), resume_dir: Path | None = None,
                    on_block: BlockCallback | None = None,
-                   device: torch.device | None = None) -> dict[str, QuantizedTensor]:
+                   device: torch.device | None = None) -> Mapping[str, QuantizedTensor]:
     """Quantize every planned module of `model` in place (weights replaced by their dequantized values) and
-    return the quantized tensors (on the host) by HF module name. calibration_tokens: [n, T] int64.
+    return the quantized tensors (on the host) by HF module name: a dict, or with `resume_dir` a `BlockFiles`
+    reading them back from the per-block files. calibration_tokens: [n, T] int64.
     `device`: where blocks are worked on, one at a time (`device.onloaded`); default: where the model is."""
     _check_plan_covers_model(model, plan)
     device = device or next(model.parameters()).device
@@ -61,6 +66,7 @@ def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Te
     blocks = decoder_blocks(model)
     resume_key = _resume_key(plan, calibration_tokens, settings)
     quantized: dict[str, QuantizedTensor] = {}
+    stored = BlockFiles()
     for index, block in enumerate(blocks):
         prefix = block_prefix(model, index)
         saved = _load_block(resume_dir, index, resume_key) if resume_dir else None
@@ -73,11 +79,46 @@ def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Te
             else:
                 block_result = saved
                 _apply(block, prefix, block_result)
-            quantized.update(block_result)
+            if resume_dir:
+                stored.add(_block_path(resume_dir, index), block_result)
+            else:
+                quantized.update(block_result)
+            del block_result
             inputs = [next_block_inputs(block, x) for x in inputs]
         if on_block:
             on_block(index, len(blocks), saved is not None)
-    return quantized
+    return stored if resume_dir else quantized
+
+
+class BlockFiles(Mapping[str, QuantizedTensor]):
+    """Quantized modules kept in the per-block files GPTQ wrote: module name -> QuantizedTensor, each read from
+    its file when asked; `flat_tensors` gives the stored tensors for a streamed write without reading any."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[Path, tuple]] = {}  # module -> (file, (fmt, bits, group_size, symmetric))
+        self._keys: dict[str, tuple[str, ...]] = {}  # module -> its tensor names in the file
+
+    def add(self, path: Path, tensors: Mapping[str, QuantizedTensor]) -> None:
+        for name, qt in tensors.items():
+            self._where[name] = (path, (qt.fmt, qt.bits, qt.group_size, qt.symmetric))
+            self._keys[name] = tuple(qt.tensors(name))
+
+    def __getitem__(self, name: str) -> QuantizedTensor:
+        path, (fmt, bits, group, sym) = self._where[name]
+        flat = {key: lazy.load() for key, lazy in lazy_tensors(path, self._keys[name]).items()}
+        return QuantizedTensor.from_tensors(name, flat, fmt, bits, group, sym)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def flat_tensors(self) -> dict[str, LazyTensor]:
+        out: dict[str, LazyTensor] = {}
+        for name, (path, _) in self._where.items():
+            out.update(lazy_tensors(path, self._keys[name]))
+        return out
 
 
 def _quantize_block(block: nn.Module, prefix: str, inputs: list[BlockInputs], plan: BitPlan,
@@ -167,14 +208,18 @@ def _save_block(resume_dir: Path, index: int, key: str, tensors: dict[str, Quant
         flat.update({k: v.contiguous() for k, v in qt.tensors(name).items()})
         meta[name] = json.dumps([qt.fmt, qt.bits, qt.group_size, qt.symmetric])
     resume_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(resume_dir / f"block_{index:03d}.safetensors", force=True) as tmp:
+    with atomic_path(_block_path(resume_dir, index), force=True) as tmp:
         save_file(flat, str(tmp), metadata=meta)
+
+
+def _block_path(resume_dir: Path, index: int) -> Path:
+    return resume_dir / f"block_{index:03d}.safetensors"
 
 
 def _load_block(resume_dir: Path, index: int, key: str) -> dict[str, QuantizedTensor] | None:
     from safetensors import safe_open
 
-    path = resume_dir / f"block_{index:03d}.safetensors"
+    path = _block_path(resume_dir, index)
     if not path.is_file():
         return None
     with safe_open(str(path), "pt") as f:
