@@ -7,7 +7,8 @@ Models: LlamaForCausalLM with random bf16 weights and the real shapes (8B: hidde
 Calibration is deliberately tiny (default 2 rows x 64 tokens per source / objective) so a 70B block (~0.86B
 parameters) runs on 2 cores; the numbers measure how memory and time grow with DEPTH, not full-size runs.
 
-Per stage (mix, profile, plan, GPTQ, vLLM export): wall time and the peak host RSS above the RSS with the model
+Per stage (mix, profile, plan, GPTQ as the pipeline runs it (each block's codes to disk as it is done), save,
+vLLM export): wall time and the peak host RSS above the RSS with the model
 loaded ("working memory", sampled every 20 ms by a thread reading /proc/self/status). Depth growth is fitted
 per stage: working memory should be flat (within 10% from the shallowest to the deepest run); time grows
 linearly (mix, GPTQ, export) or with L(L+1)/2 block passes (profile's tail passes). The projection to 32 and 80
@@ -125,15 +126,11 @@ def run_one(shape: str, layers: int, rows: int, seq_len: int, tokenizer, tmp: Pa
     fingerprint = model_fingerprint(model)
     stage("plan", lambda: build_plan(state["profile"], 3.5))
     tokens = mix.mixture_token_batches(state["mix"], tokenizer, rows, seq_len)
-    stage("gptq", lambda: quantize_model(model, state["plan"], tokens))
+    stage("gptq", lambda: quantize_model(model, state["plan"], tokens, resume_dir=tmp / f"gptq-{shape}-{layers}"))
     artifact = tmp / f"artifact-{shape}-{layers}"
-
-    def export():
-        save_artifact(artifact, base_model_dir=base_dir, plan=state["plan"], modules=state["gptq"],
-                      tensors=unquantized_tensors(model, state["gptq"]))
-        return export_vllm(artifact, tmp / f"vllm-{shape}-{layers}")
-
-    stage("save+vllm export", export)
+    stage("save", lambda: save_artifact(artifact, base_model_dir=base_dir, plan=state["plan"], modules=state["gptq"],
+                                        tensors=unquantized_tensors(model, state["gptq"])))
+    stage("vllm export", lambda: export_vllm(artifact, tmp / f"vllm-{shape}-{layers}"))
     from tasa_deploy.resources import estimate_stages
 
     estimates = estimate_stages(model.config, calib_rows=rows, seq_len=seq_len, mix_rows=rows, mix_seq_len=seq_len,

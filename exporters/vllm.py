@@ -206,7 +206,7 @@ def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False) -> Vl
     """Write a compressed-tensors checkpoint of the artifact at `artifact_dir` that `vllm serve out_dir` loads."""
     import json
 
-    from safetensors.torch import save_file
+    from tasa_deploy.safetensors_io import LazyTensor, write_safetensors
 
     check_output(Path(out_dir), is_dir=True, force=force, inputs=(Path(artifact_dir),))
     artifact = load_artifact(Path(artifact_dir))
@@ -226,7 +226,8 @@ def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False) -> Vl
     with atomic_path(Path(out_dir), is_dir=True, force=force, inputs=(Path(artifact_dir),)) as tmp:
         copy_side_files(artifact.path, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(dict(sorted(tensors.items())), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", {k: LazyTensor.of(v) for k, v in tensors.items()},
+                          metadata={"format": "pt"})  # no bytes copy of the checkpoint (save_file makes one)
         file_bytes = (tmp / "model.safetensors").stat().st_size
     counts: dict[str, int] = defaultdict(int)
     for qt in artifact.modules.values():

@@ -9,8 +9,9 @@ the weights and the results. The formulas follow the code:
           three sources' gradients and Grams of one block, the spectrum of the costliest input.
   profile `profile._run_layers`: every probe batch's hidden states (current + next block), per-objective
           second moments (`moments.SecondMoment`), one block's fake-quantized weights, logits in chunks of 512.
-  gptq    `quantize.quantize_model`: calibration activations in and out of one block, one Hessian per shared
-          input, GPTQ's float32 copies for the widest module, and the codes of every module made so far.
+  gptq    `sequential.quantize_model`: calibration activations in and out of one block, one Hessian per shared
+          input, GPTQ's float32 copies for the widest module, and one block's codes (each block's codes go to
+          disk as soon as it is done: `sequential.BlockFiles`).
 Checked against measured peaks on Llama-3-8B / 70B shapes by `benchmarks/scale.py` (estimate beside measure).
 """
 
@@ -94,7 +95,7 @@ def estimate_stages(config, *, calib_rows: int, seq_len: int, mix_rows: int = 8,
         "activations": 2 * calib_rows * seq_len * h * weight_bytes,
         "hessians": 4 * s.gram_floats,
         "gptq_work": 4 * (5 * widest**2 + 3 * h * widest),
-        "codes": s.layers * s.block_params,  # uint8 codes of every module, held on the host until the save
+        "codes": s.block_params,  # one block's uint8 codes; each block's file is written before the next
         "forward": forward})
     mix_tokens = mix_rows * mix_seq_len
 
