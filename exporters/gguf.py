@@ -96,7 +96,7 @@ def permute_rows(qt: QuantizedTensor, order: torch.Tensor) -> QuantizedTensor:
                    extra={k: v[order] for k, v in qt.extra.items()})
 
 
-def _to_ggml_grid(name: str, qt: QuantizedTensor, type_map, warnings: list[str]) -> QuantizedTensor:
+def to_ggml_grid(name: str, qt: QuantizedTensor, type_map, warnings: list[str]) -> QuantizedTensor:
     """A module on a GGML grid as is; an int-grid module re-rounded onto its mapped GGML type."""
     if qt.fmt in GGUF_QTYPE:
         return qt
@@ -106,7 +106,7 @@ def _to_ggml_grid(name: str, qt: QuantizedTensor, type_map, warnings: list[str])
     return quantize_rtn(qt.dequantize(), QuantSpec.for_ggml(target))
 
 
-def _dense_tensor(weight: torch.Tensor, type_name: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def dense_tensor(weight: torch.Tensor, type_name: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """A float tensor as (data, GGUF type): f32/f16 as is, or a block-32 GGML type via RTN."""
     if type_name in FLOAT_TYPES:
         dtype = np.float32 if type_name == "f32" else np.float16
@@ -173,7 +173,7 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
         gguf_name = name_map.get_name(f"{module}.weight", try_suffixes=(".weight",))
         if gguf_name is None:
             raise UsageError(f"module {module} has no GGUF tensor name for {arch.name.lower()}")
-        qt = _to_ggml_grid(module, qt, type_map, rerounded)
+        qt = to_ggml_grid(module, qt, type_map, rerounded)
         if (heads := _qk_heads(config, f"{module}.weight")) is not None:
             qt = permute_rows(qt, rotary_row_order(qt.shape[0], heads))
         data = pack_quantized(qt)  # [N, bytes per row]
@@ -189,13 +189,13 @@ def gguf_tensors(config: Mapping, modules: Mapping[str, QuantizedTensor], dense:
         if (heads := _qk_heads(config, hf_name)) is not None:
             tensor = tensor[rotary_row_order(tensor.shape[0], heads)]
         if tensor.ndim == 2:
-            out[gguf_name] = _dense_tensor(tensor, embedding_type)
+            out[gguf_name] = dense_tensor(tensor, embedding_type)
         else:
             out[gguf_name] = (tensor.float().numpy(), FLOAT_TYPES["f32"])
-    return out, _summarize_rerounding(rerounded), n_bits / max(n_weights, 1)
+    return out, summarize_rerounding(rerounded), n_bits / max(n_weights, 1)
 
 
-def _summarize_rerounding(notes: list[str]) -> list[str]:
+def summarize_rerounding(notes: list[str]) -> list[str]:
     """One warning for every int-grid module re-rounded onto a GGML type (was one line per module)."""
     if not notes:
         return []

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from tasa_deploy import UsageError
 
+GGUF_ROUTES = (None, "llama-quantize", "convert")  # export --via: our writer (None), llama.cpp's quantizer or converter
+
 Log = Callable[[str], None]
 
 
@@ -81,15 +83,17 @@ def export(artifact, out: str | Path, *, format: str = "gguf", via: str | None =
            device: str | None = None, force: bool = False, log: Log = _quiet):
     """Export an artifact (a QuantizedArtifact or its directory) for llama.cpp (GGUF) or vLLM; returns the
     exporter's report. GGUF of an int-grid artifact re-runs GPTQ onto the GGML grids (`requantize`) unless
-    re_round; via="llama-quantize" lets llama.cpp's own quantizer apply the plan."""
+    re_round; via="llama-quantize" lets llama.cpp's own quantizer apply the plan; via="convert" writes through
+    llama.cpp's convert_hf_to_gguf.py (the default for architectures our writer does not know, e.g. Gemma-3)."""
     from tasa_deploy.outputs import check_output
 
     artifact = Path(getattr(artifact, "path", artifact))
     out = Path(out)
     if format not in ("gguf", "vllm"):
         raise UsageError(f"unknown export format '{format}'; use --format gguf|vllm")
-    if via not in (None, "llama-quantize") or (via and format != "gguf"):
-        raise UsageError(f"--via must be llama-quantize and applies to --format gguf only, got '{via}'")
+    if via not in GGUF_ROUTES or (via and format != "gguf"):
+        raise UsageError(f"--via must be one of {', '.join(r for r in GGUF_ROUTES if r)} and applies to "
+                         f"--format gguf only, got '{via}'")
     need = sum(f.stat().st_size for f in artifact.glob("*.safetensors")) if artifact.is_dir() else 0
     check_output(out, is_dir=format == "vllm", force=force, inputs=(artifact,), need_bytes=need)
     if format == "vllm":
@@ -98,18 +102,38 @@ def export(artifact, out: str | Path, *, format: str = "gguf", via: str | None =
         return export_vllm(artifact, out, force=force)
     if via == "llama-quantize":
         return _export_via_llama_quantize(artifact, out, force)
-    return _export_gguf(artifact, out, re_round, device, force, log)
+    return _export_gguf(artifact, out, re_round, device, force, log, via)
 
 
-def _export_gguf(artifact: Path, out: Path, re_round: bool, device: str | None, force: bool, log: Log):
-    from tasa_deploy.exporters.gguf import export_gguf, gguf_architecture
+def gguf_writer(config: dict, via: str | None):
+    """The GGUF writer for a model: ours (`exporters.gguf`) for the architectures it knows, unless
+    via="convert"; llama.cpp's converter with our tensors in place (`exporters.gguf_convert`) otherwise. An
+    architecture neither knows is refused here, before any work."""
+    from tasa_deploy.exporters.gguf import ARCHITECTURES, export_gguf
+    from tasa_deploy.exporters.gguf_convert import CONVERTER, converter_knows, export_gguf_converted, find_converter
+
+    if via != "convert" and config.get("model_type") in ARCHITECTURES:
+        return export_gguf
+    converter = find_converter()
+    if converter_knows(config, converter) is False:
+        raise UsageError(f"GGUF export: neither our writer ({', '.join(ARCHITECTURES)}) nor llama.cpp's {CONVERTER} "
+                         f"knows this model ('{config.get('model_type')}', {config.get('architectures')})")
+    return lambda artifact, out, force=False: export_gguf_converted(artifact, out, force=force, converter=converter)
+
+
+def _export_gguf(artifact: Path, out: Path, re_round: bool, device: str | None, force: bool, log: Log,
+                 via: str | None = None):
     from tasa_deploy.quantized_dir import load_artifact
     from tasa_deploy.requantize import needs_requantize, requantize_for_gguf
 
+    from tasa_deploy.schema import read_json
+
+    config = read_json(artifact / "config.json", "model config", allow_nonfinite=True) \
+        if (artifact / "config.json").is_file() else {}
+    export_gguf = gguf_writer(config, via)  # an unknown architecture is refused here, before minutes of GPTQ
     opened = None if re_round else load_artifact(artifact)
     if opened is None or not needs_requantize(opened):
         return export_gguf(artifact, out, force=force)
-    gguf_architecture(opened.config)  # an architecture the GGUF writer refuses: say so before minutes of GPTQ
     start = time.perf_counter()
     log(f"re-quantizing {artifact} onto GGML grids with GPTQ (its base model, plan and calibration mix); "
         "--re-round skips this (lossy)")

@@ -390,7 +390,9 @@ def export(
     artifact: Annotated[Path, typer.Argument(help="Quantized artifact directory from `tasa-deploy quantize`.")],
     out: Annotated[Path, typer.Option("--out", help="model.gguf (gguf) or a directory (vllm).")],
     format: Annotated[str, typer.Option("--format", help="gguf | vllm")] = "gguf",
-    via: Annotated[Optional[str], typer.Option(help="gguf only: 'llama-quantize' uses llama.cpp's own quantizer.")] = None,
+    via: Annotated[Optional[str], typer.Option(help="gguf only: 'llama-quantize' lets llama.cpp's quantizer apply the "
+                                               "plan; 'convert' writes through llama.cpp's convert_hf_to_gguf.py "
+                                               "(the default for architectures our writer does not know).")] = None,
     re_round: Annotated[bool, typer.Option("--re-round", help="gguf only: round int-grid modules onto GGML types "
                                            "from their dequantized weights (fast, lossy) instead of re-running GPTQ.")] = False,
     device: DeviceOption = None,
