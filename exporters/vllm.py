@@ -202,9 +202,13 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False) -> VllmExportReport:
-    """Write a compressed-tensors checkpoint of the artifact at `artifact_dir` that `vllm serve out_dir` loads."""
+def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False,
+                results: Mapping | None = None) -> VllmExportReport:
+    """Write a compressed-tensors checkpoint of the artifact at `artifact_dir` that `vllm serve out_dir` loads,
+    with its model card (README.md; `results`: measured quality from `eval --out`, see `tasa_deploy.card`)."""
     import json
+
+    from tasa_deploy.card import model_card
 
     from tasa_deploy.safetensors_io import LazyTensor, write_safetensors
 
@@ -229,6 +233,8 @@ def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False) -> Vl
         write_safetensors(tmp / "model.safetensors", {k: LazyTensor.of(v) for k, v in tensors.items()},
                           metadata={"format": "pt"})  # no bytes copy of the checkpoint (save_file makes one)
         file_bytes = (tmp / "model.safetensors").stat().st_size
+        (tmp / "README.md").write_text(model_card(artifact.plan, artifact.config, fmt="vllm", file_name=Path(out_dir).name,
+                                                  file_bytes=file_bytes, results=results), encoding="utf-8")
     counts: dict[str, int] = defaultdict(int)
     for qt in artifact.modules.values():
         bits, group = scheme_key(qt)

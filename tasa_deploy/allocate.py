@@ -75,10 +75,14 @@ def allocate_average_bits(units: Mapping[str, Sequence[Option]], budget_bits: fl
 
 
 def allocate_total_bits(units: Mapping[str, Sequence[Option]], budget_total_bits: float,
-                        max_dense_cells: int = MAX_DENSE_CELLS) -> Allocation:
-    """Minimum-error choice with total bits <= `budget_total_bits` (e.g. 8 * a target file size in bytes)."""
+                        max_dense_cells: int = MAX_DENSE_CELLS, *, at_most: bool = False) -> Allocation:
+    """Minimum-error choice with total bits <= `budget_total_bits` (e.g. 8 * a target file size in bytes).
+    at_most: a budget above the most expensive plan gets that plan (a file-size cap, not a target)."""
     n_total = _check_units(units)
-    return _allocate(units, Fraction(budget_total_bits), f"{budget_total_bits:.0f} bits", n_total, max_dense_cells)
+    budget = Fraction(budget_total_bits)
+    if at_most:
+        budget = min(budget, sum(max(_exact(o.bpw) * o.n_weights for o in options) for options in units.values()))
+    return _allocate(units, budget, f"{budget_total_bits:.0f} bits", n_total, max_dense_cells)
 
 
 def _allocate(units, budget: Fraction, budget_text: str, n_total: int, max_dense_cells: int) -> Allocation:

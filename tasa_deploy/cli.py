@@ -113,6 +113,8 @@ def quantize(
     out: Annotated[Path, typer.Option("--out", help="Quantized artifact directory to write.")],
     model: Annotated[str, typer.Option(help="Embedded name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), HF dir, .gguf, or hub id.")] = "smollm2-135m",
     bits: Annotated[float, typer.Option(help="Average-bit budget (TASA) or the width (uniform).")] = 3.5,
+    size: Annotated[Optional[str], typer.Option(help="Whole-file budget of the --target export instead of --bits "
+                                                "(TASA), e.g. 120MB, 4GB, 3.5GiB: embeddings, norms and header counted.")] = None,
     method: Annotated[str, typer.Option(help="tasa | uniform")] = "tasa",
     target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
     tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
@@ -143,12 +145,14 @@ def quantize(
     config: Annotated[Optional[Path], typer.Option("--config", help="A recipe YAML of quantize options (every "
                                                    "artifact carries its own recipe.yaml); command-line options "
                                                    "override it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the predicted memory of each stage and the "
+                                          "file size, then stop (reads only the config and tokenizer).")] = False,
     ctx: typer.Context = None,
 ) -> None:
     """Run TASA (mix -> profile -> plan -> GPTQ) or a uniform quantization; write a quantized artifact."""
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
-    options = dict(model=model, bits=bits, method=method, target=target, tasks=_csv(tasks),
+    options = dict(model=model, bits=bits, size=size, method=method, target=target, tasks=_csv(tasks),
                    task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=_ints(candidates),
                    beta=beta, group_size=group_size, symmetric=not asym, quantizer=quantizer, alpha=alpha,
                    calib_samples=calib_samples, seq_len=seq_len, seed=seed, act_order=act_order,
@@ -162,12 +166,21 @@ def quantize(
                  if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
         options = {**read_recipe(config), **{k: v for k, v in options.items() if k in given}}
     request = QuantizeRequest(**options, out=out, work_dir=work_dir, plan_path=plan_file, force=force)
+    if dry_run:
+        from tasa_deploy.forecast import forecast
+
+        out_console.print(_table(f"dry run: {request.model} -> {out} (nothing written)", forecast(request).rows()))
+        return
 
     def on_block(index: int, total: int, resumed: bool) -> None:
         console.print(f"  block {index + 1}/{total} {'(resumed from checkpoint)' if resumed else 'quantized'}")
 
     path, summary = run_quantize(request, log=lambda m: console.print(m), on_block=on_block)
     _print_plan_summary(summary["plan"])
+    file = summary["file"]
+    out_console.print(f"linear layers {file['linear_bpw']:.3f} bpw; the {file['format']} export will be "
+                      f"{file['file_bytes']:,} bytes ({file['file_bytes'] / 1e6:.1f} MB, of which "
+                      f"{file['fixed_bytes'] / 1e6:.1f} MB embeddings, norms and header)")
     if "kendall_tau" in summary:
         out_console.print(_table("signal-to-noise per objective (median |block delta| / SE)", summary["reliability"]))
         out_console.print(_table("Kendall tau between objectives (95% bootstrap interval over probe rows)",
@@ -397,6 +410,10 @@ def export(
                                            "from their dequantized weights (fast, lossy) instead of re-running GPTQ.")] = False,
     device: DeviceOption = None,
     force: Annotated[bool, typer.Option("--force")] = False,
+    results: Annotated[Optional[Path], typer.Option(help="An `eval --out` JSON whose figures go into the model card.")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the export and its model "
+                                                       "card to this Hugging Face hub repo (org/name).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
 ) -> None:
     """Export a quantized artifact for llama.cpp (GGUF) or vLLM (compressed-tensors).
 
@@ -405,10 +422,18 @@ def export(
     from tasa_deploy.api import export as export_artifact
 
     report = export_artifact(artifact, out, format=format, via=via, re_round=re_round, device=device, force=force,
-                             log=lambda m: console.print(m))
+                             log=lambda m: console.print(m), results=results, push_to_hub=push_to_hub, private=private)
     for warning in getattr(report, "warnings", ()) or ():
         console.print(f"[yellow]warning:[/] {warning}")
-    out_console.print(f"wrote {out}")
+    out_console.print(f"wrote {out}{_size_note(report)}")
+
+
+def _size_note(report) -> str:
+    """' (N bytes; linear layers B bpw)': every export report states both."""
+    bpw = getattr(report, "bits_per_weight", None) or getattr(report, "average_bits", None)
+    if not hasattr(report, "file_bytes"):
+        return ""
+    return f" ({report.file_bytes:,} bytes" + (f"; linear layers {bpw:.3f} bpw)" if bpw else ")")
 
 
 @app.command()

@@ -13,7 +13,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -21,13 +21,15 @@ import torch
 
 from tasa_deploy import UsageError
 from tasa_deploy.device import resolve_device, resolve_dtype
-from tasa_deploy.artifacts import BitPlan, CalibrationMix, ModulePlan, SensitivityProfile, check_plan_covers
+from tasa_deploy.forecast import check_request_memory, linear_budget_bytes
+from tasa_deploy.artifacts import BitPlan, CalibrationMix, SensitivityProfile, check_plan_covers
 from tasa_deploy.quantized_dir import save_artifact
 from tasa_deploy.model import LoadedModel, load_model, model_fingerprint, quantizable_modules
 from tasa_deploy.objectives import KL_PREFIX
 from tasa_deploy.plan import check_budget_args
-from tasa_deploy.quant.ggml_types import DEFAULT_TYPE_FOR_BITS, GGML_TYPES, fits_row
-from tasa_deploy.quant.spec import INT_GROUP_SIZES, QuantSpec, default_group_size
+from tasa_deploy.sizes import parse_size
+from tasa_deploy.fixed_plans import gguf_type_for, retarget_plan, uniform_plan
+from tasa_deploy.quant.spec import INT_GROUP_SIZES
 from tasa_deploy.tasks import TASKS, get_task, register_task_data
 
 Log = Callable[[str], None]
@@ -43,6 +45,7 @@ class QuantizeRequest:
     model: str = "smollm2-135m"
     out: Path = Path("out/smollm2-tasa")
     bits: float = 3.5  # average-bit budget (TASA) or the uniform width
+    size: str | None = None  # whole-file budget of the --target export ("120MB", "4GB"; TASA): replaces bits
     method: str = "tasa"  # "tasa" | "uniform"
     target: str = "vllm"  # "vllm" (int g128 grid) | "gguf" (GGML grids)
     tasks: tuple[str, ...] = ("gsm8k", "arc")
@@ -100,7 +103,13 @@ class QuantizeRequest:
         if self.quantizer not in ("gptq", "rtn"):
             raise UsageError(f"--quantizer must be gptq or rtn, got {self.quantizer}")
         check_budget_args(self.bits, self.beta, self.target)
-        if self.method == "tasa" and self.plan_path is None and self.candidates and self.bits < min(self.candidates):
+        if self.size is not None:
+            parse_size(self.size)
+            if self.method != "tasa" or self.plan_path is not None:
+                raise UsageError("--size budgets the plan TASA allocates; with --method uniform or --plan the widths "
+                                 "are fixed (use --dry-run to see the file size)")
+        if self.method == "tasa" and self.plan_path is None and self.size is None and self.candidates \
+                and self.bits < min(self.candidates):
             raise UsageError(f"--bits {self.bits} is below the narrowest candidate width {min(self.candidates)}: "
                              "no plan can meet it; raise --bits or add a narrower --candidates width")
         if self.alpha is not None and not math.isfinite(self.alpha):
@@ -152,64 +161,15 @@ TUPLE_FIELDS = tuple(f.name for f in fields(QuantizeRequest) if isinstance(f.def
 @dataclass
 class StageTimes:
     seconds: dict[str, float] = field(default_factory=dict)
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # perf_counter start, end (benchmarks)
 
     def run(self, name: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            self.seconds[name] = round(time.perf_counter() - start, 2)
-
-
-def uniform_plan(model: torch.nn.Module, fingerprint: str, bits: int, target: str, *, group_size: int | None = None,
-                 symmetric: bool = True, method: str = "gptq") -> BitPlan:
-    """Every quantizable module at `bits` (GGUF target: the GGML type for that width the row fits)."""
-    modules = {}
-    for name, linear in quantizable_modules(model).items():
-        in_features = linear.in_features
-        if target == "gguf":
-            spec = QuantSpec.for_ggml(gguf_type_for(bits, in_features))
-        else:
-            spec = QuantSpec(bits, group_size or default_group_size(in_features), symmetric)
-            spec.groups_for(in_features)
-        modules[name] = ModulePlan(spec, method)
-    return BitPlan(fingerprint, target, modules, None, None, {"kind": f"uniform{bits}"})
-
-
-def retarget_plan(plan: BitPlan, model: torch.nn.Module, target: str, log: Log) -> BitPlan:
-    """An int-grid (vLLM) plan moved onto GGML grids: each module's width -> `gguf_type_for(bits, K)`.
-
-    This is how a plan made in nominal widths (e.g. TASA at 3.5 nominal bits over {3,4,8}) becomes a GGUF
-    plan whose GPTQ rounds straight onto the stored grids; the true bits per weight go up where a row cannot
-    take the k-quant of its width (576-wide rows: int3 -> q4_0). Only vllm -> gguf is supported."""
-    if plan.target == target:
-        return plan
-    if (plan.target, target) != ("vllm", "gguf"):
-        raise UsageError(f"cannot move a {plan.target} plan to target {target}; re-plan for {target} instead")
-    from tasa_deploy.bits import plan_average_bits
-
-    linears = quantizable_modules(model)
-    modules = {name: ModulePlan(QuantSpec.for_ggml(gguf_type_for(module.spec.bits, linears[name].in_features)),
-                                module.method) for name, module in plan.modules.items()}
-    moved = BitPlan(plan.model_fingerprint, target, modules, None, None,
-                    {**plan.info, "retargeted_from": {"target": plan.target, "average_bits": plan.average_bits}})
-    moved = replace(moved, average_bits=plan_average_bits(moved, {n: tuple(linears[n].weight.shape) for n in modules}))
-    log(f"plan moved from {plan.target} to {target}: {plan.average_bits or 0:.3f} nominal -> "
-        f"{moved.average_bits:.3f} true bpw")
-    return moved
-
-
-def gguf_type_for(bits: int, in_features: int) -> str:
-    """The GGML type for a width: the k-quant where the row fits, else the smallest block-32 type with >= bits."""
-    preferred = DEFAULT_TYPE_FOR_BITS.get(bits)
-    if preferred and fits_row(preferred, in_features):
-        return preferred
-    legacy = sorted((t for t in GGML_TYPES.values() if not t.k_quant and t.nominal_bits >= bits and not t.has_min),
-                    key=lambda t: t.nominal_bits)
-    for info in legacy:
-        if fits_row(info.name, in_features):
-            return info.name
-    raise UsageError(f"no GGML type holds {bits}-bit rows of {in_features}; row length must be a multiple of 32")
+            self.spans[name] = (start, time.perf_counter())
+            self.seconds[name] = round(self.spans[name][1] - start, 2)
 
 
 def settings_match(saved: dict, wanted: dict) -> bool:
@@ -221,7 +181,7 @@ def request_to_json(request: QuantizeRequest) -> dict:
     workers (byte-identical results) left out, so identical runs give identical files."""
     kept = {k: v for k, v in asdict(request).items()
             if k not in ("out", "work_dir", "force", "plan_path", "device", "workers")}
-    for name, default in (("dtype", None), ("mix_draws", 1)):  # defaults leave plans as they were before
+    for name, default in (("dtype", None), ("mix_draws", 1), ("size", None)):  # defaults leave plans as before
         if kept[name] == default:
             del kept[name]
     return kept
@@ -312,11 +272,15 @@ def measure_request_profile(loaded: LoadedModel, request: QuantizeRequest, parti
                                 for name in request.objectives}, **kwargs)
 
 
-def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: Path) -> BitPlan:
+def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: Path,
+               loaded: LoadedModel | None = None) -> BitPlan:
+    """The allocation for --bits, or for --size (the linear layers' share of the file: `forecast`)."""
     from tasa_deploy import plan as plan_stage
+    from tasa_deploy.forecast import linear_budget_bytes
 
-    plan = plan_stage.build_plan(profile, request.bits, target=request.target, beta=request.beta,
-                                 candidates=request.candidates)
+    budget_bytes = linear_budget_bytes(request, loaded.model_dir, loaded.model.config) if loaded else None
+    plan = plan_stage.build_plan(profile, None if budget_bytes else request.bits, target=request.target,
+                                 beta=request.beta, candidates=request.candidates, budget_bytes=budget_bytes)
     plan.save(work_dir / "tasa_plan.json")
     plan_stage.save_plan_plot(profile, plan, work_dir / "tasa_plan.png")
     return plan
@@ -354,21 +318,16 @@ def check_calibration_sources(request: QuantizeRequest) -> None:
         load_rows(source, "calib", limit=1)
 
 
-def _check_resources(request: QuantizeRequest, config=None) -> None:
-    from tasa_deploy.model import check_architecture, load_config, resolve_model_dir
-    from tasa_deploy.resources import check_memory, estimate_stages, weights_bytes
+def predicted_file(plan: BitPlan, loaded: LoadedModel, fmt: str) -> dict:
+    """The --target export's size for this plan: linear bpw and whole-file bytes (`sizes`)."""
+    from tasa_deploy.bits import plan_total_bits
+    from tasa_deploy.sizes import file_layout
 
-    config = config if config is not None else load_config(resolve_model_dir(request.model), request.model)
-    check_architecture(config)
-    element = torch.empty(0, dtype=resolve_dtype(request.dtype, resolve_device(request.device))).element_size()
-    stages = estimate_stages(config, calib_rows=request.calib_samples, seq_len=request.seq_len,
-                             mix_rows=request.mix_samples, mix_seq_len=request.probe_seq_len * 2,
-                             probe_rows=request.max_probe_samples if request.probe_snr else request.probe_samples,
-                             probe_seq_len=request.probe_seq_len, objectives=len(request.objectives),
-                             weight_bytes=element)
-    if request.method != "tasa" or request.plan_path is not None:
-        stages = {"gptq": stages["gptq"]}
-    check_memory(weights_bytes(config, element), stages)
+    shapes = {name: tuple(module.weight.shape) for name, module in quantizable_modules(loaded.model).items()}
+    layout = file_layout(loaded.model_dir, loaded.model.config, fmt)
+    linear_bits = plan_total_bits(plan, shapes)
+    return {"format": fmt, "linear_bpw": linear_bits / layout.linear_weights,
+            "file_bytes": layout.file_bytes(linear_bits), "fixed_bytes": layout.fixed_bytes}
 
 
 def unquantized_tensors(model: torch.nn.Module, modules: dict) -> dict[str, torch.Tensor]:
@@ -388,9 +347,15 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None,
 
     check_quantize_preconditions(request)
     times = StageTimes()
-    _check_resources(request, loaded.model.config if loaded is not None else None)
+    check_request_memory(request, loaded.model.config if loaded is not None else None)
     check_calibration_sources(request)
     device = resolve_device(request.device)
+    if request.size is not None:  # a --size the rest of the file already fills: refused before the model loads
+        from tasa_deploy.model import load_config, resolve_model_dir
+
+        model_dir = loaded.model_dir if loaded is not None else resolve_model_dir(request.model)
+        linear_budget_bytes(request, model_dir, loaded.model.config if loaded is not None
+                            else load_config(model_dir, request.model))
     if loaded is None:
         loaded = times.run("load", load_model, request.model, resolve_dtype(request.dtype, device))
     fingerprint = times.run("fingerprint", model_fingerprint, loaded.model)
@@ -409,7 +374,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None,
         work_dir.mkdir(parents=True, exist_ok=True)
         mix = times.run("mix", stage_mix, loaded, fingerprint, request, work_dir, log)
         profile = times.run("profile", stage_profile, loaded, fingerprint, request, work_dir, log)
-        plan = times.run("plan", stage_plan, profile, request, work_dir)
+        plan = times.run("plan", stage_plan, profile, request, work_dir, loaded)
     else:
         plan = uniform_plan(loaded.model, fingerprint, int(request.bits), request.target,
                             group_size=request.group_size, symmetric=request.symmetric, method=request.quantizer)
@@ -428,7 +393,9 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None,
         times.run("save", save_artifact, request.out, base_model_dir=loaded.model_dir, plan=plan, modules=modules,
                   tensors=tensors, force=request.force, inputs=request.inputs,
                   extra_files=(*stage_files(work_dir), recipe))
-    summary = {"stage_seconds": times.seconds, "plan": plan, "alpha": mix.alpha if mix else None}
+    summary = {"stage_seconds": times.seconds, "stage_spans": times.spans, "plan": plan,
+               "alpha": mix.alpha if mix else None,
+               "file": predicted_file(plan, loaded, request.target)}
     if request.method == "tasa" and request.plan_path is None:
         from tasa_deploy import plan as plan_stage
 

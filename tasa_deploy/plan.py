@@ -163,7 +163,7 @@ def build_plan(profile: SensitivityProfile, budget_bits: float | None, target: s
     errors = aggregated_errors(profile, chosen_objectives, beta)
     options = allocation_options(profile, target, candidates, errors)
     allocation = (allocate_average_bits(options, budget_bits) if budget_bytes is None
-                  else allocate_total_bits(options, 8 * budget_bytes))
+                  else allocate_total_bits(options, 8 * budget_bytes, at_most=True))
     modules = {module: ModulePlan(QuantSpec.from_key(allocation.choice[unit.name]), method)
                for unit in profile.units for module in unit.modules}
     info = {"beta": beta, "normalization": NORMALIZATION, "objectives": list(chosen_objectives),
