@@ -153,10 +153,21 @@ def data_span(h_gen: torch.Tensor, h_task: torch.Tensor, rel_tol: float = 1e-8,
         q, _ = torch.linalg.qr(h @ omega)  # [K, m]
         values, vectors = torch.linalg.eigh((q.T @ h @ q).double())  # [m], ascending
         if float(values.clamp(min=0).sum()) >= (1 - 1e-6) * float(torch.trace(h.double())):  # PSD: all captured
-            return q @ vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)].to(h.dtype)
-        # the rank exceeded the bound (not from `rank_bound` tokens): fall back to the full eigendecomposition
+            return q @ vectors[:, _kept(values, rel_tol, rank_bound)].to(h.dtype)
+        # the rank exceeded the bound (not from `rank_bound` tokens): fall back to the full eigendecomposition,
+        # where the bound, wrong, does not apply
     values, vectors = torch.linalg.eigh(h.double())  # ascending
-    return vectors[:, values > rel_tol * values[-1].clamp(min=1e-300)].to(h.dtype)
+    return vectors[:, _kept(values, rel_tol, None)].to(h.dtype)
+
+
+def _kept(values: torch.Tensor, rel_tol: float, rank_bound: int | None) -> torch.Tensor:
+    """Eigen-directions (ascending `values`) of the data span: above the relative threshold and, the rank being
+    at most the token count, the top `rank_bound` only: a float32 Gram's rounding leaves eigenvalues near 1e-7
+    of the largest on directions no token reaches, which the threshold alone would keep."""
+    keep = values > rel_tol * values[-1].clamp(min=1e-300)
+    if rank_bound is not None and int(keep.sum()) > rank_bound:
+        keep[: len(values) - rank_bound] = False
+    return keep
 
 
 def trace_spectrum(h_test: torch.Tensor, h_gen: torch.Tensor, h_task: torch.Tensor, damp: float,
@@ -192,6 +203,30 @@ def trace_spectrum(h_test: torch.Tensor, h_gen: torch.Tensor, h_task: torch.Tens
     w = inv_l.T @ vectors  # [r, r]
     c = torch.einsum("ki,kl,li->i", w, h_test, w)  # diag(W^T H_test W)
     return c, lam
+
+
+def input_spectrum(test, gen, task, damp: float, data_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`trace_spectrum` of one input given as `moments.InputHessian`s: from the rows when every source still
+    holds them and the data span is narrower than K (no K x K matrix is ever formed), else from the matrices."""
+    in_features = test.in_features
+    if test.is_rows and gen.is_rows and task.is_rows and gen.count + task.count < in_features:
+        return trace_spectrum_rows(test.scaled_rows(), gen.scaled_rows(), task.scaled_rows(), damp)
+    return trace_spectrum(test.matrix(), gen.matrix(), task.matrix(), damp, data_tokens)
+
+
+def trace_spectrum_rows(r_test: torch.Tensor, r_gen: torch.Tensor, r_task: torch.Tensor, damp: float,
+                        rel_tol: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`trace_spectrum` from rows R [n, K] with H = R^T R, for data narrower than K: the span of the data is
+    the row space of M = [R_gen; R_task], whose orthonormal basis U = M^T V S^-1/2 comes from the small eigh
+    of M M^T = V S V^T (m x m, float64; the same relative threshold as `data_span`); the projected matrices are
+    (R U)^T (R U). Equal to the matrix path up to rounding (tested): the projected trace does not depend on
+    the basis chosen for the span, and the damping is relative to the projected diagonal's mean."""
+    stacked = torch.cat([r_gen, r_task])  # [m, K]
+    values, vectors = torch.linalg.eigh((stacked @ stacked.T).double())  # [m], ascending
+    keep = values > rel_tol * values[-1].clamp(min=1e-300)
+    basis = (stacked.T.double() @ (vectors[:, keep] / values[keep].sqrt())).to(stacked.dtype)  # [K, r]
+    h_test, h_gen, h_task = ((r @ basis).double() for r in (r_test, r_gen, r_task))  # [n, r]
+    return trace_spectrum(h_test.T @ h_test, h_gen.T @ h_gen, h_task.T @ h_task, damp)
 
 
 def traces_from_spectrum(c: torch.Tensor, lam: torch.Tensor, alphas: Sequence[float]) -> list[float]:
@@ -331,7 +366,7 @@ def _score_one_draw(model, tokenizer, general: str, tasks: tuple[str, ...], alph
             _say(progress, "forward done: losses " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         dots.append(block_dots(block.grads["general"], block.grads["task"], block.grads["probe"]))
         for group in block.grams["probe"]:
-            c, lam = trace_spectrum(block.grams["probe"][group], block.grams["general"][group],
+            c, lam = input_spectrum(block.grams["probe"][group], block.grams["general"][group],
                                     block.grams["task"][group], damp, data_tokens)
             traces = [t + f for t, f in zip(traces, traces_from_spectrum(c, lam, alphas))]
             units += 1

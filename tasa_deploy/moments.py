@@ -52,3 +52,55 @@ class SecondMoment:
             return float((projected.double() ** 2).sum()) / self.count
         outer = delta.float().T @ delta.float() if outer is None else outer
         return float((self.gram * outer).sum(dtype=torch.float64)) / self.count
+
+
+class InputHessian:
+    """GPTQ's H = 2/n sum x x^T of one linear input (`quant.gptq.accumulate_hessian`), held as the raw rows
+    while they number at most K and folded into the K x K matrix past that. The mixture search sees few tokens
+    per source (8 x 256 by default) against widths of 4096-28672 at 8B-70B, where the rows are a fraction of
+    the matrix (`mix.trace_spectrum_rows` works from them directly). Once folded, the accumulation is the same
+    sequence of `accumulate_hessian` calls as without the rows stage, so the matrix is bit-identical."""
+
+    def __init__(self, in_features: int):
+        self.in_features = in_features
+        self.rows: list[torch.Tensor] = []  # float32 [n_i, K] batches while their total is <= K
+        self.hessian: torch.Tensor | None = None  # [K, K] float32 once it is not
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        from tasa_deploy.quant.gptq import accumulate_hessian
+
+        x = x.detach().reshape(-1, self.in_features).float()  # [n, K]
+        if self.hessian is None and self.count + x.shape[0] <= self.in_features:
+            self.rows.append(x)
+            self.count += x.shape[0]
+            return
+        if self.hessian is None:
+            self.hessian, self.count = self._fold()
+        self.hessian, self.count = accumulate_hessian(self.hessian, self.count, x)
+
+    def _fold(self) -> tuple[torch.Tensor, int]:
+        from tasa_deploy.quant.gptq import accumulate_hessian, make_empty_hessian
+
+        hessian, seen = make_empty_hessian(self.in_features, self.rows[0].device if self.rows else None), 0
+        for rows in self.rows:
+            hessian, seen = accumulate_hessian(hessian, seen, rows)
+        self.rows = []
+        return hessian, seen
+
+    @property
+    def is_rows(self) -> bool:
+        return self.hessian is None
+
+    def matrix(self) -> torch.Tensor:
+        """H [K, K] (folding the rows, if still held)."""
+        if self.hessian is None:
+            self.hessian, self.count = self._fold()
+        return self.hessian
+
+    def scaled_rows(self) -> torch.Tensor:
+        """R [n, K] with R^T R = H (rows form only)."""
+        if self.hessian is not None:
+            raise ValueError("the rows were folded into the matrix")
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, self.in_features)
+        return rows * (2.0 / max(self.count, 1)) ** 0.5

@@ -34,7 +34,7 @@ from tasa_deploy import UsageError
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, run_block
 from tasa_deploy.device import onloaded, place_shell
 from tasa_deploy.model import FUSED_GROUPS, block_linears, decoder_blocks, final_norm
-from tasa_deploy.quant.gptq import accumulate_hessian, make_empty_hessian
+from tasa_deploy.moments import InputHessian
 
 HEAD_CHUNK = 512  # positions whose logits exist at once
 
@@ -45,7 +45,8 @@ class BlockStats:
 
     index: int
     grads: dict[str, torch.Tensor]  # source -> the block's quantizable-weight gradient, flattened [P_b], fp32
-    grams: dict[str, dict[str, torch.Tensor]]  # source -> fused group ('qkv', 'o', 'gate_up', 'down') -> H [K, K]
+    grams: dict[str, dict[str, InputHessian]]  # source -> fused group ('qkv', 'o', 'gate_up', 'down') -> H,
+    #   as its rows while the source has at most K tokens, else the K x K matrix (`moments.InputHessian`)
 
 
 class _Stash:
@@ -157,13 +158,12 @@ def _walk_block(block: nn.Module, index: int, kwargs: dict, out_grads: dict, sta
     weights = [linear.weight for linear in linears.values()]
     readers = {group: linears[members[0]] for group, members in FUSED_GROUPS.items()}
     grads: dict[str, torch.Tensor] = {}
-    grams: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}
+    grams: dict[str, dict[str, InputHessian]] = {}
     current = {}
 
     def fold(group: str, x: torch.Tensor) -> None:
         per_source = grams.setdefault(current["source"], {})
-        hessian, seen = per_source.get(group) or (make_empty_hessian(x.shape[-1], x.device), 0)
-        per_source[group] = accumulate_hessian(hessian, seen, x)
+        per_source.setdefault(group, InputHessian(x.shape[-1])).add(x)
 
     flags = [w.requires_grad for w in weights]
     for w in weights:
@@ -181,4 +181,4 @@ def _walk_block(block: nn.Module, index: int, kwargs: dict, out_grads: dict, sta
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
-    return BlockStats(index, grads, {s: {g: h for g, (h, _) in per.items()} for s, per in grams.items()})
+    return BlockStats(index, grads, grams)

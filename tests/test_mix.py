@@ -262,3 +262,35 @@ def test_search_on_smollm2(smollm2, calibration_data):
     assert all(traces[i - 1] - 2 * traces[i] + traces[i + 1] > 0 for i in range(1, 4))
     assert traces[0] < traces[-1]
     assert result.scores[0].grad_alignment > result.scores[-1].grad_alignment
+
+
+def test_rows_form_equals_the_matrix_path():
+    """Sources with fewer tokens than K keep their rows (`moments.InputHessian`); the spectrum from the rows
+    (`trace_spectrum_rows`, no K x K matrix) gives the traces of the matrix path on every alpha, and the matrix
+    folded from the rows is bit-identical to accumulating batch by batch (`accumulate_hessian`)."""
+    from tasa_deploy.moments import InputHessian
+    from tasa_deploy.quant.gptq import accumulate_hessian, make_empty_hessian
+
+    rng = torch.Generator().manual_seed(3)
+    k, alphas = 96, [i / 8 for i in range(9)]
+    moments, reference = {}, {}
+    for name, n_batches in (("gen", 3), ("task", 2), ("probe", 2)):
+        moment, hessian, seen = InputHessian(k), make_empty_hessian(k), 0
+        for _ in range(n_batches):
+            x = torch.randn(2, 5, k, generator=rng)  # [B, T, K] as a hook sees it
+            moment.add(x)
+            hessian, seen = accumulate_hessian(hessian, seen, x)
+        moments[name], reference[name] = moment, hessian
+    assert all(m.is_rows for m in moments.values())
+    rows = mix.input_spectrum(moments["probe"], moments["gen"], moments["task"], 0.01)
+    matrices = mix.trace_spectrum(reference["probe"], reference["gen"], reference["task"], 0.01, data_tokens=50)
+    got, expected = (mix.traces_from_spectrum(c, lam, alphas) for c, lam in (rows, matrices))
+    assert got == pytest.approx(expected, rel=1e-4)  # float32 Grams vs rows: rounding only
+    for name, moment in moments.items():
+        assert torch.equal(moment.matrix(), reference[name]) and not moment.is_rows
+    big = InputHessian(8)  # more rows than K: folded on the way, still the same accumulation
+    hessian, seen = make_empty_hessian(8), 0
+    for rows_in in (torch.randn(3, 8, generator=rng), torch.randn(4, 8, generator=rng), torch.randn(5, 8, generator=rng)):
+        big.add(rows_in)
+        hessian, seen = accumulate_hessian(hessian, seen, rows_in)
+    assert not big.is_rows and torch.equal(big.matrix(), hessian)

@@ -33,8 +33,8 @@ def test_streamed_gradients_and_grams_equal_full_autograd(sources, spill):
         for block in blocks:
             torch.testing.assert_close(block.grads[name], ref.block_grads[block.index], rtol=1e-4, atol=1e-7)
             for group, gram in block.grams[name].items():
-                torch.testing.assert_close(gram, ref.grams[f"model.layers.{block.index}.{group}"], rtol=1e-5,
-                                           atol=1e-6)
+                torch.testing.assert_close(gram.matrix(), ref.grams[f"model.layers.{block.index}.{group}"],
+                                           rtol=1e-5, atol=1e-6)
     assert [p.requires_grad for p in model.parameters()] == flags  # restored
     assert all(p.grad is None for p in model.parameters())  # nothing accumulated into .grad
 
