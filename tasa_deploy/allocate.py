@@ -85,6 +85,50 @@ def allocate_total_bits(units: Mapping[str, Sequence[Option]], budget_total_bits
     return _allocate(units, budget, f"{budget_total_bits:.0f} bits", n_total, max_dense_cells)
 
 
+def allocate_with_time(units: Mapping[str, Sequence[Option]], budget_total_bits: float,
+                       seconds: Mapping[str, Mapping[str, float]], max_seconds: float,
+                       iterations: int = 40) -> tuple[Allocation, float]:
+    """Minimum-error choice with total bits <= `budget_total_bits` AND predicted time <= `max_seconds`, where
+    seconds[unit][key] is the option's predicted time (speed-aware plans, `tasa_deploy.speed`).
+
+    Lagrangian relaxation of the time constraint: the exact bits knapsack is solved for error + lam * seconds,
+    lam found by bisection (the smallest lam tried whose plan meets the time); returns (allocation with the
+    true errors, its predicted seconds). Exact in the bits budget; within the time budget whenever any lam
+    reaches it (else a UsageError naming the fastest time found); the error is that of the best multiplier,
+    which can miss the true two-constraint optimum by the duality gap (small when there are many units)."""
+    def solve(lam: float) -> tuple[Allocation, float]:
+        weighted = {u: [Option(o.key, o.bpw, o.n_weights, o.error + lam * seconds[u][o.key]) for o in options]
+                    for u, options in units.items()}
+        allocation = allocate_total_bits(weighted, budget_total_bits, at_most=True)
+        return allocation, sum(seconds[u][key] for u, key in allocation.choice.items())
+
+    best, best_time = solve(0.0)
+    if best_time > max_seconds:
+        errors = [o.error for options in units.values() for o in options]
+        times = [t for per in seconds.values() for t in per.values()]
+        high = max(max(errors) - min(errors), 1e-12) / max(max(times) - min(times), 1e-30)
+        fastest, fastest_time = solve(high)
+        for _ in range(60):
+            if fastest_time <= max_seconds:
+                break
+            high *= 4
+            fastest, fastest_time = solve(high)
+        if fastest_time > max_seconds:
+            raise UsageError(f"no plan within the size budget is fast enough: the fastest predicted is "
+                             f"{fastest_time:.4g} s per token against the limit {max_seconds:.4g}; relax "
+                             "--max-slowdown or raise the budget")
+        low, best, best_time = 0.0, fastest, fastest_time
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            allocation, elapsed = solve(middle)
+            if elapsed <= max_seconds:
+                high, best, best_time = middle, allocation, elapsed
+            else:
+                low = middle
+    error = sum(next(o.error for o in units[u] if o.key == key) for u, key in best.choice.items())
+    return Allocation(best.choice, best.total_bits, best.n_weights, error), best_time
+
+
 def _allocate(units, budget: Fraction, budget_text: str, n_total: int, max_dense_cells: int) -> Allocation:
     names = list(units)
     costs = [[_exact(o.bpw) * o.n_weights for o in units[name]] for name in names]  # exact bits per option

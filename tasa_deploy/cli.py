@@ -9,15 +9,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from tasa_deploy import TasaError, UsageError
+from tasa_deploy.cli_common import console, out_console, table as _table
 from tasa_deploy.outputs import check_output, write_json_atomic
 
-console = Console(stderr=True)
-out_console = Console()
 STATE = {"debug": False}
 
 
@@ -95,18 +92,6 @@ def _ints(value: str) -> tuple[int, ...]:
         raise UsageError(f"expected comma-separated integers, got '{value}'") from None
 
 
-def _table(title: str, rows: list[dict]) -> Table:
-    """A rich table whose columns are the union of the rows' keys (first-seen order); a missing cell is blank."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    table = Table(title=title)
-    for key in columns:
-        table.add_column(str(key))
-    for row in rows:
-        table.add_row(*("" if key not in row else f"{row[key]:.4g}" if isinstance(row[key], float) else str(row[key])
-                        for key in columns))
-    return table
-
-
 # ------------------------------------------------------------------------------------------------ quantize
 @app.command()
 def quantize(
@@ -115,6 +100,9 @@ def quantize(
     bits: Annotated[float, typer.Option(help="Average-bit budget (TASA) or the width (uniform).")] = 3.5,
     size: Annotated[Optional[str], typer.Option(help="Whole-file budget of the --target export instead of --bits "
                                                 "(TASA), e.g. 120MB, 4GB, 3.5GiB: embeddings, norms and header counted.")] = None,
+    max_slowdown: Annotated[Optional[float], typer.Option(help="GGUF target: decode no slower than this x "
+                                                          "llama.cpp's preset of the same size (measured with "
+                                                          "llama-bench; default 1.0 when llama.cpp is built; 0: off).")] = None,
     method: Annotated[str, typer.Option(help="tasa | uniform")] = "tasa",
     target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
     tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
@@ -152,7 +140,7 @@ def quantize(
     """Run TASA (mix -> profile -> plan -> GPTQ) or a uniform quantization; write a quantized artifact."""
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
-    options = dict(model=model, bits=bits, size=size, method=method, target=target, tasks=_csv(tasks),
+    options = dict(model=model, bits=bits, size=size, max_slowdown=max_slowdown, method=method, target=target, tasks=_csv(tasks),
                    task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=_ints(candidates),
                    beta=beta, group_size=group_size, symmetric=not asym, quantizer=quantizer, alpha=alpha,
                    calib_samples=calib_samples, seq_len=seq_len, seed=seed, act_order=act_order,
@@ -443,6 +431,12 @@ def inspect(path: Annotated[Path, typer.Argument(help="Artifact dir, tasa_plan.j
 
     for title, rows in describe(path):
         out_console.print(_table(title, rows))
+
+
+from tasa_deploy.cli_serve import bench, serve  # noqa: E402  (the runtime-facing commands live there)
+
+app.command()(serve)
+app.command()(bench)
 
 
 def run() -> None:

@@ -46,6 +46,8 @@ class QuantizeRequest:
     out: Path = Path("out/smollm2-tasa")
     bits: float = 3.5  # average-bit budget (TASA) or the uniform width
     size: str | None = None  # whole-file budget of the --target export ("120MB", "4GB"; TASA): replaces bits
+    max_slowdown: float | None = None  # GGUF TASA: decode no slower than this x llama.cpp's preset of the same
+    #   size (tasa_deploy.speed); None: 1.0 when llama.cpp's tools are built, else speed-blind; 0: speed-blind
     method: str = "tasa"  # "tasa" | "uniform"
     target: str = "vllm"  # "vllm" (int g128 grid) | "gguf" (GGML grids)
     tasks: tuple[str, ...] = ("gsm8k", "arc")
@@ -103,6 +105,8 @@ class QuantizeRequest:
         if self.quantizer not in ("gptq", "rtn"):
             raise UsageError(f"--quantizer must be gptq or rtn, got {self.quantizer}")
         check_budget_args(self.bits, self.beta, self.target)
+        if self.max_slowdown is not None and not (math.isfinite(self.max_slowdown) and self.max_slowdown >= 0):
+            raise UsageError(f"--max-slowdown must be a number >= 0 (0: speed-blind), got {self.max_slowdown}")
         if self.size is not None:
             parse_size(self.size)
             if self.method != "tasa" or self.plan_path is not None:
@@ -181,7 +185,7 @@ def request_to_json(request: QuantizeRequest) -> dict:
     workers (byte-identical results) left out, so identical runs give identical files."""
     kept = {k: v for k, v in asdict(request).items()
             if k not in ("out", "work_dir", "force", "plan_path", "device", "workers")}
-    for name, default in (("dtype", None), ("mix_draws", 1), ("size", None)):  # defaults leave plans as before
+    for name, default in (("dtype", None), ("mix_draws", 1), ("size", None), ("max_slowdown", None)):  # as before
         if kept[name] == default:
             del kept[name]
     return kept
@@ -272,15 +276,30 @@ def measure_request_profile(loaded: LoadedModel, request: QuantizeRequest, parti
                                 for name in request.objectives}, **kwargs)
 
 
+def speed_for(request: QuantizeRequest, loaded: LoadedModel | None, profile: SensitivityProfile, log: Log):
+    """The decode-time budget for a GGUF plan (`tasa_deploy.speed`), or None (vLLM target, --max-slowdown 0, or
+    the default without llama.cpp's tools, said in one line)."""
+    from tasa_deploy import speed
+
+    if request.target != "gguf" or loaded is None or request.max_slowdown == 0:
+        return None
+    if request.max_slowdown is None and not speed.tools_available():
+        log("speed-blind GGUF plan: llama.cpp's llama-bench is not built (bash benchmarks/llamacpp.sh)")
+        return None
+    slowdown = request.max_slowdown or 1.0
+    return lambda unit_keys, bits: speed.speed_constraint(loaded, profile, unit_keys, bits, slowdown, log=log)
+
+
 def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: Path,
-               loaded: LoadedModel | None = None) -> BitPlan:
+               loaded: LoadedModel | None = None, log: Log = print) -> BitPlan:
     """The allocation for --bits, or for --size (the linear layers' share of the file: `forecast`)."""
     from tasa_deploy import plan as plan_stage
     from tasa_deploy.forecast import linear_budget_bytes
 
     budget_bytes = linear_budget_bytes(request, loaded.model_dir, loaded.model.config) if loaded else None
     plan = plan_stage.build_plan(profile, None if budget_bytes else request.bits, target=request.target,
-                                 beta=request.beta, candidates=request.candidates, budget_bytes=budget_bytes)
+                                 beta=request.beta, candidates=request.candidates, budget_bytes=budget_bytes,
+                                 speed=speed_for(request, loaded, profile, log))
     plan.save(work_dir / "tasa_plan.json")
     plan_stage.save_plan_plot(profile, plan, work_dir / "tasa_plan.png")
     return plan
@@ -374,7 +393,7 @@ def run_quantize(request: QuantizeRequest, log: Log = print, on_block=None,
         work_dir.mkdir(parents=True, exist_ok=True)
         mix = times.run("mix", stage_mix, loaded, fingerprint, request, work_dir, log)
         profile = times.run("profile", stage_profile, loaded, fingerprint, request, work_dir, log)
-        plan = times.run("plan", stage_plan, profile, request, work_dir, loaded)
+        plan = times.run("plan", stage_plan, profile, request, work_dir, loaded, log)
     else:
         plan = uniform_plan(loaded.model, fingerprint, int(request.bits), request.target,
                             group_size=request.group_size, symmetric=request.symmetric, method=request.quantizer)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from tasa_deploy import UsageError
-from tasa_deploy.allocate import Option, allocate_average_bits, allocate_total_bits
+from tasa_deploy.allocate import Option, allocate_average_bits, allocate_total_bits, allocate_with_time
 from tasa_deploy.artifacts import PLAN_TARGETS, BitPlan, ModulePlan, SensitivityProfile, UnitSensitivity
 from tasa_deploy.outputs import TAG, atomic_path
 from tasa_deploy.bits import bits_per_weight, exact_bits_per_weight, gguf_candidates
@@ -152,8 +152,10 @@ def check_budget_args(bits: float | None, beta: float, target: str) -> None:
 
 def build_plan(profile: SensitivityProfile, budget_bits: float | None, target: str = "vllm", beta: float = 0.5,
                candidates: Iterable[int | str] | None = None, objectives: Sequence[str] | None = None,
-               *, budget_bytes: int | None = None, method: str = "gptq") -> BitPlan:
-    """Allocate grids for an average-bits budget (or `budget_bytes` for all quantized linears) -> BitPlan."""
+               *, budget_bytes: int | None = None, method: str = "gptq", speed=None) -> BitPlan:
+    """Allocate grids for an average-bits budget (or `budget_bytes` for all quantized linears) -> BitPlan.
+    speed: a callable (unit -> candidate keys, budget average bits) -> (seconds[unit][key], max seconds, info)
+    that adds a decode-time budget (`tasa_deploy.speed.speed_constraint`); None: size only."""
     check_budget_args(budget_bits, beta, target)
     if (budget_bits is None) == (budget_bytes is None):
         raise UsageError("give exactly one budget: average bits per weight or a size in bytes")
@@ -162,14 +164,25 @@ def build_plan(profile: SensitivityProfile, budget_bits: float | None, target: s
     chosen_objectives = select_objectives(profile, objectives)
     errors = aggregated_errors(profile, chosen_objectives, beta)
     options = allocation_options(profile, target, candidates, errors)
-    allocation = (allocate_average_bits(options, budget_bits) if budget_bytes is None
-                  else allocate_total_bits(options, 8 * budget_bytes, at_most=True))
+    speed_info = None
+    if speed is not None:
+        n_weights = sum(u.n_weights for u in profile.units)
+        total_bits = budget_bits * n_weights if budget_bytes is None else 8 * budget_bytes
+        seconds, max_seconds, speed_info = speed({u: [o.key for o in opts] for u, opts in options.items()},
+                                                 total_bits / n_weights)
+        allocation, predicted = allocate_with_time(options, total_bits, seconds, max_seconds)
+        speed_info = {**speed_info, "predicted_delta_s": predicted, "max_delta_s": max_seconds}
+    else:
+        allocation = (allocate_average_bits(options, budget_bits) if budget_bytes is None
+                      else allocate_total_bits(options, 8 * budget_bytes, at_most=True))
     modules = {module: ModulePlan(QuantSpec.from_key(allocation.choice[unit.name]), method)
                for unit in profile.units for module in unit.modules}
     info = {"beta": beta, "normalization": NORMALIZATION, "objectives": list(chosen_objectives),
             "objective_weights": objective_weights(chosen_objectives, beta), "budget_bytes": budget_bytes,
             "predicted_error": allocation.total_error, "profile_settings": dict(profile.settings),
             "units": _unit_summary(profile, allocation.choice, errors)}
+    if speed_info is not None:
+        info["speed"] = speed_info
     budget_average = budget_bits if budget_bytes is None else 8 * budget_bytes / allocation.n_weights
     return BitPlan(profile.model_fingerprint, target, modules, budget_average,
                    _units_average_bits(profile, allocation.choice), info)

@@ -132,3 +132,41 @@ def test_sparse_and_dense_agree_on_a_large_instance():
     sparse = allocate_average_bits(units, 4.0, max_dense_cells=0)
     assert sparse.total_error == pytest.approx(dense.total_error, abs=1e-9)
     assert sparse.total_bits <= 4.0 * dense.n_weights
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_time_budget_against_brute_force(seed):
+    """Speed-aware allocation (`allocate_with_time`): both budgets are met; the error is the two-constraint
+    brute-force optimum up to the Lagrangian's duality gap (at most one unit's error spread); with a time
+    budget that does not bind it equals the bits-only optimum."""
+    from tasa_deploy.allocate import allocate_with_time
+
+    rng = random.Random(seed)
+    keys = {"a": 3.4375, "b": 4.5, "c": 5.0, "d": 8.5}
+    units = {f"u{i}": [Option(k, bpw, 64 * rng.randint(1, 4), rng.random()) for k, bpw in keys.items()]
+             for i in range(6)}
+    units = {u: [Option(o.key, o.bpw, opts[0].n_weights, o.error * (8.5 - o.bpw + 0.1)) for o in opts]
+             for u, opts in units.items()}
+    speed = {"a": 3.0, "b": 0.5, "c": 2.0, "d": 1.0}  # "a" small but slow, "b" fast
+    seconds = {u: {o.key: o.n_weights * speed[o.key] * 1e-3 for o in opts} for u, opts in units.items()}
+    total_bits = 4.8 * sum(opts[0].n_weights for opts in units.values())
+    combos = []
+    for picks in itertools.product(*(range(len(keys)) for _ in units)):
+        chosen = [opts[p] for opts, p in zip(units.values(), picks)]
+        bits = sum(o.bpw * o.n_weights for o in chosen)
+        time_s = sum(seconds[u][o.key] for u, o in zip(units, chosen))
+        combos.append((bits, time_s, sum(o.error for o in chosen)))
+    fastest_feasible = min(t for b, t, e in combos if b <= total_bits)
+    unconstrained = allocate_total_bits(units, total_bits)
+    loose = sum(seconds[u][k] for u, k in unconstrained.choice.items())
+    for limit in (loose * 10, (loose + fastest_feasible) / 2, fastest_feasible * 1.02):
+        allocation, predicted = allocate_with_time(units, total_bits, seconds, limit)
+        assert allocation.total_bits <= total_bits + 1e-9 and predicted <= limit + 1e-12
+        assert predicted == pytest.approx(sum(seconds[u][k] for u, k in allocation.choice.items()))
+        optimum = min(e for b, t, e in combos if b <= total_bits and t <= limit)
+        gap = max(max(o.error for o in opts) - min(o.error for o in opts) for opts in units.values())
+        assert optimum - 1e-9 <= allocation.total_error <= optimum + gap
+        if limit == loose * 10:
+            assert allocation.choice == unconstrained.choice
+    with pytest.raises(UsageError, match="fast enough"):
+        allocate_with_time(units, total_bits, seconds, fastest_feasible * 0.5)

@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from tasa_deploy import UsageError
-from tasa_deploy.eval.generate import binomial_se, generate_greedy, has_chat_template
+from tasa_deploy.eval.generate import GenerationJob, binomial_se, generate_greedy, has_chat_template
 from tasa_deploy.sandbox import SandboxLimits, run_python
 
 FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
@@ -76,6 +76,15 @@ def score_programs(task: str, programs: list[str], limits: SandboxLimits = Sandb
 def evaluate_code(model, tokenizer, task: str = "humaneval", limit: int | None = None, rows=None,
                   max_new_tokens: int = 384, batch_size: int = 8) -> CodeResult:
     """Greedy pass@1 on the first `limit` eval rows of `task` (or on `rows`), tests run in the sandbox."""
+    job = code_job(tokenizer, task, limit, rows, max_new_tokens)
+    generations = generate_greedy(model, tokenizer, list(job.prompts), job.max_new_tokens, chat=job.chat,
+                                  stop_strings=job.stops, batch_size=batch_size, description=task)
+    return job.score(generations)
+
+
+def code_job(tokenizer, task: str = "humaneval", limit: int | None = None, rows=None,
+             max_new_tokens: int = 384) -> GenerationJob:
+    """The pass@1 job of `evaluate_code`: instructions in, programs run in the sandbox out."""
     if rows is None:
         from tasa_deploy.data import load_rows
 
@@ -83,10 +92,9 @@ def evaluate_code(model, tokenizer, task: str = "humaneval", limit: int | None =
     rows = list(rows)[:limit]
     if not rows or not all("tests" in row for row in rows):
         raise UsageError(f"code evaluation of {task} needs rows with tests")
-    chat = has_chat_template(tokenizer)
-    generations = generate_greedy(model, tokenizer, [instruction(r) for r in rows], max_new_tokens, chat=chat,
-                                  stop_strings=("\n```\n",), batch_size=batch_size, description=task)
-    return score_programs(task, [program(r, g) for r, g in zip(rows, generations)])
+    return GenerationJob(task, tuple(rows), tuple(instruction(r) for r in rows), ("\n```\n",), max_new_tokens,
+                         has_chat_template(tokenizer),
+                         lambda rows, generations: score_programs(task, [program(r, g) for r, g in zip(rows, generations)]))
 
 
-__all__ = ["CodeResult", "evaluate_code", "extract_code", "instruction", "program", "score_programs"]
+__all__ = ["CodeResult", "code_job", "evaluate_code", "extract_code", "instruction", "program", "score_programs"]

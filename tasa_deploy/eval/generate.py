@@ -9,6 +9,8 @@ EOS tokens or at the eval's stop strings, and every answer carries its standard 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -21,6 +23,23 @@ def binomial_se(correct: int, n: int) -> float:
         return 0.0
     p = correct / n
     return math.sqrt(p * (1 - p) / n)
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """What a generative eval asks (prompts as text, rendered by `prompt_ids`) and how its answers are scored;
+    shared by the PyTorch evals and the served-model benchmark (`tasa_deploy.bench`), so both score alike."""
+
+    task: str
+    rows: tuple
+    prompts: tuple[str, ...]
+    stops: tuple[str, ...]
+    max_new_tokens: int
+    chat: bool
+    scorer: Callable[[tuple, list[str]], Any]  # (rows, generations) -> the eval's result
+
+    def score(self, generations: list[str]):
+        return self.scorer(self.rows, generations)
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -78,4 +97,4 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, *
     return outputs
 
 
-__all__ = ["binomial_se", "generate_greedy", "has_chat_template", "prompt_ids", "stop_token_ids", "truncate_at"]
+__all__ = ["GenerationJob", "binomial_se", "generate_greedy", "has_chat_template", "prompt_ids", "stop_token_ids", "truncate_at"]

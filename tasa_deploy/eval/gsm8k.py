@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from functools import partial
 from decimal import Decimal, InvalidOperation
 
 from tasa_deploy import UsageError
-from tasa_deploy.eval.generate import binomial_se, generate_greedy, has_chat_template
+from tasa_deploy.eval.generate import GenerationJob, binomial_se, generate_greedy, has_chat_template
 from tasa_deploy.eval.multiple_choice import continuation_logprobs
 
 STOP_STRINGS = ("\n\n", "Question:")
@@ -88,6 +89,21 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = 50, n_shot: int = 4, ma
     chat (default: whether the tokenizer has a chat template): zero-shot, the question in one user turn with
     CHAT_INSTRUCTION, up to 384 new tokens (step-by-step answers are long); otherwise n-shot plain-text
     prompts, up to 192 new tokens."""
+    job = gsm8k_job(tokenizer, limit, n_shot, max_new_tokens, rows, chat)
+    generations = generate_greedy(model, tokenizer, job.prompts, job.max_new_tokens, chat=job.chat,
+                                  stop_strings=job.stops, batch_size=batch_size, description="gsm8k")
+    return job.score(generations)
+
+
+def _score(rows, generations: list[str], n_shot: int, chat: bool) -> GSM8KResult:
+    correct = sum(extract_answer(g) == normalize_number(r["target"]) for g, r in zip(generations, rows))
+    return GSM8KResult(exact_match=correct / len(rows), n=len(rows), n_shot=n_shot,
+                       exact_match_se=binomial_se(correct, len(rows)), chat=chat)
+
+
+def gsm8k_job(tokenizer, limit: int | None = 50, n_shot: int = 4, max_new_tokens: int | None = None,
+              rows: list[dict] | None = None, chat: bool | None = None) -> GenerationJob:
+    """The GSM8K exact-match job (see `evaluate_gsm8k`)."""
     chat = has_chat_template(tokenizer) if chat is None else chat
     max_new_tokens = max_new_tokens if max_new_tokens is not None else (384 if chat else 192)
     if n_shot < 0 or max_new_tokens < 1:
@@ -100,15 +116,11 @@ def evaluate_gsm8k(model, tokenizer, limit: int | None = 50, n_shot: int = 4, ma
     if not rows:
         raise UsageError("no GSM8K rows to evaluate")
     if chat:
-        prompts, stops, n_shot = [chat_prompt(r["question"]) for r in rows], (), 0
-    else:
-        prefix = few_shot_prefix(n_shot)
-        prompts, stops = [prefix + question_prompt(r["question"]) for r in rows], STOP_STRINGS
-    generations = generate_greedy(model, tokenizer, prompts, max_new_tokens, chat=chat, stop_strings=stops,
-                                  batch_size=batch_size, description="gsm8k")
-    correct = sum(extract_answer(g) == normalize_number(r["target"]) for g, r in zip(generations, rows))
-    return GSM8KResult(exact_match=correct / len(rows), n=len(rows), n_shot=n_shot,
-                       exact_match_se=binomial_se(correct, len(rows)), chat=chat)
+        return GenerationJob("gsm8k", tuple(rows), tuple(chat_prompt(r["question"]) for r in rows), (),
+                             max_new_tokens, True, partial(_score, n_shot=0, chat=True))
+    prefix = few_shot_prefix(n_shot)
+    return GenerationJob("gsm8k", tuple(rows), tuple(prefix + question_prompt(r["question"]) for r in rows),
+                         STOP_STRINGS, max_new_tokens, False, partial(_score, n_shot=n_shot, chat=False))
 
 
 def gsm8k_answer_nll(model, tokenizer, rows: list[dict]) -> float:

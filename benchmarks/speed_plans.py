@@ -1,0 +1,122 @@
+"""Speed-aware vs speed-blind GGUF-target TASA at Q3_K_M's size, against llama.cpp's presets, all measured in one
+run on this machine -> benchmarks/results/speed_<model>.{json,md}.
+
+Rows (embeddings and head kept f16 in every file, so the files differ only in their linear layers):
+  llamacpp-q3_k_m, llamacpp-q4_k_m      llama-quantize presets of the base model (`--token-embedding-type f16`)
+  tasa-gguf-q3_k_m-size                 `quantize --target gguf --size <Q3_K_M's bytes> --max-slowdown 0`
+  tasa-gguf-q3_k_m-size-speed           the same with `--max-slowdown 1.0` (decode no slower than Q3_K_M, predicted
+                                        from llama-bench of single-type files: tasa_deploy/speed.py)
+Per row: file bytes, linear bpw, llama-bench decode (tg) and prompt (pp) tok/s (`--reps` runs each, the rows
+interleaved round-robin so drift hits all alike; mean and SE over rounds), WikiText-2 perplexity and KL divergence
+from the f16 base (llama-perplexity --kl-divergence, ctx 512, --chunks), and task KL: the same on a text of the
+task data (GSM8K test solutions; HumanEval prompts with their reference code for --tasks code). The TASA runs share one work dir (mix and profile
+are measured once).
+
+Usage: python benchmarks/speed_plans.py [--model smollm2-135m] [--tasks gsm8k,arc] [--chunks 8] [--rounds 3]
+Run alone on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import machine, run_main, write_report  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def task_text(tasks: tuple[str, ...], path: Path, limit: int = 400) -> Path:
+    """A plain text of each task's eval answers (what task KL is measured on)."""
+    from tasa_deploy.data import load_rows
+
+    parts = []
+    for task in tasks:
+        if task == "gsm8k":
+            parts += [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in load_rows("gsm8k", "eval", limit)]
+        elif task == "code":
+            parts += [r["prompt"] + r["answer"] for r in load_rows("humaneval", "eval", limit)]
+    path.write_text("\n\n".join(parts), encoding="utf-8")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="gsm8k,arc")
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="keep files here (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    from tasa_deploy import UsageError
+    from tasa_deploy.api import export
+    from tasa_deploy.data import shared_data_dir
+    from tasa_deploy.exporters.gguf import export_dense_gguf, linear_bits_per_weight
+    from tasa_deploy.exporters.llamacpp import llama_bench, llama_kl_divergence, llama_perplexity, llama_quantize
+    from tasa_deploy.model import load_model
+    from tasa_deploy.pipeline import QuantizeRequest, run_quantize
+
+    if shared_data_dir() is None:
+        raise UsageError("WikiText-2 not found: set TASA_DATA_DIR")
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    holder = None if args.work else tempfile.TemporaryDirectory(prefix="tasa-speed-plans-")
+    work = args.work or Path(holder.name)
+    work.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.model)
+    base = export_dense_gguf(loaded.model_dir, work / "f16.gguf", force=True)
+    files = {}
+    for preset in ("q3_k_m", "q4_k_m"):
+        files[f"llamacpp-{preset}"] = llama_quantize(base, work / f"{preset}.gguf", preset.upper(), embedding_type="f16")
+    size = files["llamacpp-q3_k_m"].stat().st_size
+    seconds = {}
+    for name, slowdown in (("tasa-gguf-q3_k_m-size", 0.0), ("tasa-gguf-q3_k_m-size-speed", 1.0)):
+        request = QuantizeRequest(model=args.model, out=work / name, target="gguf", size=f"{size}B", tasks=tasks,
+                                  max_slowdown=slowdown, work_dir=work / "tasa.work", force=True)
+        _, summary = run_quantize(request, loaded=loaded, log=lambda m: print(m, file=sys.stderr))
+        seconds[name] = summary["stage_seconds"]
+        files[name] = export(work / name, work / f"{name}.gguf", format="gguf", force=True).path
+    wiki = shared_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
+    task_file = task_text(tasks, work / "tasks.txt")
+    rows = {name: {"name": name, "file_bytes": path.stat().st_size, "linear_bpw": linear_bits_per_weight(path),
+                   "ppl_wikitext2": llama_perplexity(path, wiki, chunks=args.chunks),
+                   "kld_wikitext2": llama_kl_divergence(path, base, wiki, chunks=args.chunks),
+                   "kld_tasks": llama_kl_divergence(path, base, task_file, chunks=args.chunks)}
+            for name, path in files.items()}
+    speeds = {name: [] for name in files}
+    for _ in range(args.rounds):  # round-robin: machine drift hits every row alike
+        for name, path in files.items():
+            speeds[name].append(llama_bench(path, n_prompt=128, n_gen=64, threads=2, reps=2))
+    for name, runs in speeds.items():
+        for key, attr in (("tg_tok_s", "decode_tok_s"), ("pp_tok_s", "prompt_tok_s")):
+            values = [getattr(r, attr) for r in runs]
+            rows[name][key] = statistics.mean(values)
+            rows[name][f"{key}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    reference = rows["llamacpp-q3_k_m"]["tg_tok_s"]
+    for row in rows.values():
+        row["tg_vs_q3_k_m"] = row["tg_tok_s"] / reference
+    report = {"date": datetime.date.today().isoformat(), "machine": machine(), "model": args.model, "tasks": tasks,
+              "chunks": args.chunks, "rounds": args.rounds, "q3_k_m_bytes": size, "tasa_stage_seconds": seconds,
+              "rows": list(rows.values())}
+    lines = ["| name | file bytes | linear bpw | tg tok/s | pp tok/s | tg / Q3_K_M | WikiText-2 ppl | KL wiki | KL tasks |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        lines.append(f"| {r['name']} | {r['file_bytes']:,} | {r['linear_bpw']:.3f} | {r['tg_tok_s']:.1f} ± "
+                     f"{r['tg_tok_s_se']:.1f} | {r['pp_tok_s']:.0f} ± {r['pp_tok_s_se']:.0f} | {r['tg_vs_q3_k_m']:.3f} | "
+                     f"{r['ppl_wikitext2']:.3f} | {r['kld_wikitext2']['kld']:.4f} ± {r['kld_wikitext2']['kld_se']:.4f} | "
+                     f"{r['kld_tasks']['kld']:.4f} ± {r['kld_tasks']['kld_se']:.4f} |")
+    lines += ["", f"{args.model}; tasks {','.join(tasks)}; ctx 512 x {args.chunks} chunks; llama-bench pp128/tg64, "
+              f"{args.rounds} rounds x 2 reps, 2 threads; {report['date']}. Command: python benchmarks/speed_plans.py "
+              f"--model {args.model} --tasks {args.tasks}"]
+    write_report(args.out, f"speed_{args.model}", report, lines)
+
+
+if __name__ == "__main__":
+    run_main(main)
