@@ -196,6 +196,12 @@ def _print_plan_summary(plan) -> None:
         by_layer.setdefault(layer, {"layer": layer})[short] = module_plan.spec.key
     average = f"{plan.average_bits:.4f}" if plan.average_bits else "n/a"
     out_console.print(_table(f"plan ({plan.target}, average {average} bpw)", list(by_layer.values())))
+    speed = plan.info.get("speed")
+    if speed:
+        predicted = 1 / (1 / speed["anchor_tok_s"] + speed["predicted_delta_s"])
+        out_console.print(f"speed-aware: predicted decode {predicted:.1f} tok/s against llama.cpp "
+                          f"{speed['reference'].upper()} measured {speed['reference_tok_s']:.1f} tok/s "
+                          f"(--max-slowdown {speed['max_slowdown']})")
 
 
 # ------------------------------------------------------------------------------------------------ mix / profile / plan

@@ -5,8 +5,9 @@ Each stage's working memory is written out part by part from the model's shapes 
 (`estimate_stages`); the biggest part names the knob. Weights live on the host (at the run's dtype); with a
 CUDA device the block being worked on, its activations and accumulators are on the device and the host keeps
 the weights and the results. The formulas follow the code:
-  mix     `stream.stream_block_stats` + `mix.trace_spectrum`: boundary states (spilled to disk past 2 GiB),
-          three sources' gradients and Grams of one block, the spectrum of the costliest input.
+  mix     `stream.stream_block_stats` + `mix.trace_spectrum`: boundary states (spilled to disk past 2 GiB), kept
+          throughout; then either the head pass (logits in chunks) or, later, the backward walk (three sources'
+          gradients and Grams of one block, the spectrum of the costliest input): phases, the larger counts.
   profile `profile._run_layers`: every probe batch's hidden states (current + next block), per-objective
           second moments (`moments.SecondMoment`), one block's fake-quantized weights, logits in chunks of 512.
   gptq    `sequential.quantize_model`: calibration activations in and out of one block, one Hessian per shared
@@ -74,10 +75,14 @@ class Shapes:
 class StageEstimate:
     stage: str
     parts: dict[str, int] = field(default_factory=dict)  # working memory by part, bytes
+    phases: tuple[tuple[str, ...], ...] = ()  # groups of parts alive at different times (only the largest counts)
 
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        """Parts alive throughout + the largest phase (all parts when the stage has no phases)."""
+        phased = {name for phase in self.phases for name in phase}
+        always = sum(v for k, v in self.parts.items() if k not in phased)
+        return always + max((sum(self.parts[k] for k in phase) for phase in self.phases), default=0)
 
     @property
     def largest(self) -> str:
@@ -109,7 +114,8 @@ def estimate_stages(config, *, calib_rows: int, seq_len: int, mix_rows: int = 8,
         "grads": 3 * s.block_params * 4 + 4 * 4 * mix_seq_len * (12 * h + 4 * f),
         "grams": 3 * 4 * s.gram_floats,
         "spectrum": max(spectrum(k) for k in (h, s.heads * s.head_dim, f)),
-        "logits": 3 * 4 * 512 * s.vocab})
+        "logits": 3 * 4 * 512 * s.vocab},
+        phases=(("logits",), ("grads", "grams", "spectrum")))  # the head pass, then the backward walk
     probe_tokens = probe_rows * probe_seq_len
     moments = sum(k * min(probe_tokens, k) for k in (h, h, s.heads * s.head_dim, f)) * 4 * objectives
     profile = StageEstimate("profile", {

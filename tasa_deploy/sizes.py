@@ -31,7 +31,9 @@ UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 1
          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 FORMATS = ("vllm", "gguf")
 GGUF_ALIGNMENT = 32
-SAFETENSORS_ENTRY = 64  # header bytes per tensor besides its name: {"dtype":"F16","shape":[..],"data_offsets":[..]}
+SAFETENSORS_ENTRY = 96  # header bytes per tensor besides its name (an upper bound: --size is a cap):
+#   "name":{"dtype":"F16","shape":[N,K],"data_offsets":[start,end]},
+GGUF_METADATA = 8192  # the non-tokenizer key/values of a GGUF header (architecture, sizes, names), generously
 
 
 def parse_size(text: str) -> int:
@@ -92,7 +94,8 @@ def file_layout(model_dir: Path, config, fmt: str) -> FileLayout:
     parts = {"embeddings": 2 * sum(_numel(s) for s in two_d),
              "norms and biases": 4 * sum(_numel(s) for s in dense.values() if len(s) != 2),
              "tokenizer": tokenizer_metadata_bytes(Path(model_dir)),
-             "tensor infos": sum(24 + 8 * len(s) + 24 + GGUF_ALIGNMENT // 2 for s in [*dense.values(), *linears.values()])}
+             "tensor infos": GGUF_METADATA + sum(24 + 8 * len(s) + 32 + GGUF_ALIGNMENT - 1
+                                                 for s in [*dense.values(), *linears.values()])}
     return FileLayout(fmt, parts, n_linear)
 
 

@@ -12,7 +12,8 @@ stored as T), so each type's per-weight cost is known relative to q8_0, and a pl
 as t_q8 + sum over units of n_weights x (c_type - c_q8).
 
 Constraint: that prediction at most `max_slowdown` x the measured time per token of llama.cpp's own preset file
-of the same size (llama-quantize from the base model, `measure_reference`); the same benchmark also reports what
+of the same size (llama-quantize from the base model, `measure_reference`, embeddings and head kept f16 as our
+exporter writes them, so the two differ only in their linear layers); the same benchmark also reports what
 the model predicts for the preset's own layout when all its types were measured (the model's error, in the
 plan's info). Only measured quantities enter: no assumption about the runtime's speed per byte.
 """
@@ -161,7 +162,7 @@ def measure_reference(loaded, fingerprint: str, preset: str, *, threads: int = 2
     with tempfile.TemporaryDirectory(prefix="tasa-preset-") as tmp:
         dense = export_dense_gguf(loaded.model_dir, Path(tmp) / "f16.gguf")
         log(f"measuring llama-quantize's {preset.upper()} of this model as the speed reference")
-        out = llama_quantize(dense, Path(tmp) / f"{preset}.gguf", preset.upper())
+        out = llama_quantize(dense, Path(tmp) / f"{preset}.gguf", preset.upper(), embedding_type="f16")  # as ours
         weights: dict[str, int] = {}
         for tensor in gguf.GGUFReader(out).tensors:
             if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
