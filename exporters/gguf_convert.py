@@ -21,6 +21,7 @@ knows best, metadata, tokenizer and tensor names, and we write the quantized ten
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -69,10 +70,22 @@ def find_converter() -> Path:
     return path
 
 
-def converter_knows(config: Mapping, converter: Path) -> bool | None:
-    """Whether the converter registers one of config['architectures'] (read from its source as text; None
-    when its registry cannot be read, and the converter itself will say)."""
+def architectures_of(config: Mapping) -> list[str]:
+    """config['architectures'], or the causal-LM class transformers maps its model_type to (a config written
+    from a GGUF has none, and the converter picks its writer by this name)."""
     names = [name for name in config.get("architectures") or [] if isinstance(name, str)]
+    if names:
+        return names
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config.get("model_type")))
+    return [known] if known else []
+
+
+def converter_knows(config: Mapping, converter: Path) -> bool | None:
+    """Whether the converter registers one of the model's architectures (`architectures_of`, read from its
+    source as text; None when its registry cannot be read, and the converter itself will say)."""
+    names = architectures_of(config)
     sources = [converter, *sorted((converter.parent / "conversion").glob("*.py"))]
     text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sources if p.is_file())
     if "register(" not in text or not names:
@@ -107,6 +120,9 @@ def write_dense_dir(artifact: QuantizedArtifact, out_dir: Path) -> None:
     tensors.update({f"{name}.weight": LazyTensor(torch.float32, tuple(qt.shape), lambda qt=qt: qt.dequantize())
                     for name, qt in artifact.modules.items()})
     write_safetensors(out_dir / "model.safetensors", tensors, metadata={"format": "pt"})
+    config = dict(artifact.config)
+    config["architectures"] = architectures_of(config)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def _row_hashes(rows: np.ndarray) -> list[bytes]:
@@ -174,7 +190,7 @@ def export_gguf_converted(artifact_dir: Path, out: Path, *, force: bool = False,
     artifact = load_artifact(Path(artifact_dir))
     converter = converter or find_converter()
     if converter_knows(artifact.config, converter) is False:
-        raise UsageError(f"llama.cpp's {CONVERTER} does not know {artifact.config.get('architectures')} "
+        raise UsageError(f"llama.cpp's {CONVERTER} does not know {architectures_of(artifact.config)} "
                          f"({artifact.config.get('model_type')}); this model cannot be exported to GGUF")
     rerounded: list[str] = []
     with tempfile.TemporaryDirectory(prefix=".tasa-convert-", dir=out.resolve().parent) as tmp:

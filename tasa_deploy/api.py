@@ -142,14 +142,15 @@ def gguf_writer(config: dict, via: str | None):
     via="convert"; llama.cpp's converter with our tensors in place (`exporters.gguf_convert`) otherwise. An
     architecture neither knows is refused here, before any work."""
     from tasa_deploy.exporters.gguf import ARCHITECTURES, export_gguf
-    from tasa_deploy.exporters.gguf_convert import CONVERTER, converter_knows, export_gguf_converted, find_converter
+    from tasa_deploy.exporters.gguf_convert import (CONVERTER, architectures_of, converter_knows,
+                                                    export_gguf_converted, find_converter)
 
     if via != "convert" and config.get("model_type") in ARCHITECTURES:
         return export_gguf
     converter = find_converter()
     if converter_knows(config, converter) is False:
         raise UsageError(f"GGUF export: neither our writer ({', '.join(ARCHITECTURES)}) nor llama.cpp's {CONVERTER} "
-                         f"knows this model ('{config.get('model_type')}', {config.get('architectures')})")
+                         f"knows this model ('{config.get('model_type')}', {architectures_of(config)})")
     return lambda artifact, out, force=False: export_gguf_converted(artifact, out, force=force, converter=converter)
 
 

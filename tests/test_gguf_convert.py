@@ -150,3 +150,13 @@ def test_llamacpp_scores_the_converted_gemma3_as_the_converters_own_file(gemma_a
     _converted_f32(gemma_artifact, tmp_path)
     reference = llama_perplexity(tmp_path / "dense.gguf", text, ctx=128, chunks=4)
     assert abs(ours - reference) / reference < 0.005, (ours, reference)
+
+
+def test_a_config_without_architectures_gets_the_causal_lm_class():
+    """Configs written from a GGUF carry no `architectures`; the converter needs one to pick its writer."""
+    from tasa_deploy.exporters.gguf_convert import architectures_of
+
+    assert architectures_of({"model_type": "gemma3_text"}) == ["Gemma3ForCausalLM"]
+    assert architectures_of({"model_type": "qwen2"}) == ["Qwen2ForCausalLM"]
+    assert architectures_of({"model_type": "llama", "architectures": ["MistralForCausalLM"]}) == ["MistralForCausalLM"]
+    assert architectures_of({"model_type": "nosuch"}) == []
