@@ -352,6 +352,8 @@ def evaluate(
     kld_base: Annotated[Optional[str], typer.Option("--kld-base", help="Reference model (e.g. the unquantized base): also report mean KL divergence and top-1 agreement against it on WikiText-2 and each task's answers.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write results as JSON.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a results file written by tasa-deploy.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Evaluate a model or a quantized artifact on perplexity and task accuracy."""
     import os
@@ -376,14 +378,22 @@ def evaluate(
         raise UsageError(f"--limit must be at least 1, got {limit}")
     if out is not None:
         check_output(out, force=force, inputs=(Path(model),))
+    from tasa_deploy.device import resolve_device, resolve_dtype
+
+    place = resolve_device(device)
+    weights = resolve_dtype(dtype, place)
     loaded = load_any(model, backend=backend)
+    if backend == "torch":  # the triton backend places its kernels itself
+        loaded.model.to(device=place, dtype=weights)
     results = {}
     for task in _csv(tasks):
         results[task] = EVALS[task](loaded.model, loaded.tokenizer, limit)
     if kld_base is not None:
         from tasa_deploy.eval import evaluate_kld
 
-        results.update(evaluate_kld(loaded, load_any(kld_base), _csv(tasks), limit))
+        base = load_any(kld_base)
+        base.model.to(device=place, dtype=weights)
+        results.update(evaluate_kld(loaded, base, _csv(tasks), limit))
     rows = [{"task": k, **{m: v for m, v in r.items() if isinstance(v, (int, float))}} for k, r in results.items()]
     for columns in dict.fromkeys(tuple(row) for row in rows):  # one table per kind of result (ppl, accuracy, KL)
         out_console.print(_table(f"eval: {model}", [row for row in rows if tuple(row) == columns]))

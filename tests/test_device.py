@@ -94,3 +94,18 @@ def test_profile_on_cuda_matches_the_cpu(tiny_model_dir):
     for obj in ("ppl", "kl:math"):
         cpu, gpu = profiles["cpu"].layer_deltas[obj], profiles["cuda"].layer_deltas[obj]
         assert gpu == pytest.approx(cpu, rel=1e-2, abs=1e-4)
+
+
+def test_eval_takes_device_and_dtype(tiny_model_dir, shared_data):
+    """eval --device/--dtype: bf16 weights on the host give the fp32 perplexity within bf16 rounding."""
+    ppl = {}
+    for dtype in ("fp32", "bf16"):
+        result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--tasks", "wikitext2", "--limit", "2",
+                                     "--device", "cpu", "--dtype", dtype])
+        assert result.exit_code == 0, result.output
+        line = next(l for l in result.output.splitlines() if "wikitext2" in l)
+        ppl[dtype] = float(line.split("│")[2].strip())
+    assert ppl["bf16"] == pytest.approx(ppl["fp32"], rel=0.05)
+    if not HAS_CUDA:
+        result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--device", "cuda"])
+        assert result.exit_code == 2 and "CUDA is not available" in result.output
