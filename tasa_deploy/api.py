@@ -64,7 +64,9 @@ def _in_memory(model, tokenizer, work_dir: Path):
 def quantize(model: Any = "smollm2-135m", *, out: str | Path, tokenizer=None, tasks: Iterable[str] = ("gsm8k", "arc"),
              bits: float = 3.5, task_data: Mapping[str, Any] | None = None, log: Log = _quiet, on_block=None,
              **options):
-    """Run TASA (or `method="uniform"`) and return the written artifact (`quantized_dir.QuantizedArtifact`)."""
+    """Run TASA (or `method="uniform"`) and return the written artifact (`quantized_dir.QuantizedArtifact`).
+    An in-memory model is quantized in place, as llm-compressor's oneshot does: GPTQ replaces its linear weights
+    by their quantized values (load it again for an unquantized copy)."""
     from tasa_deploy.pipeline import QuantizeRequest, default_work_dir, run_quantize
     from tasa_deploy.quantized_dir import load_artifact
 
