@@ -79,7 +79,8 @@ def main() -> None:
     seconds = {}
     for name, slowdown in (("tasa-gguf-q3_k_m-size", 0.0), ("tasa-gguf-q3_k_m-size-speed", 1.0)):
         request = QuantizeRequest(model=args.model, out=work / name, target="gguf", size=f"{size}B", tasks=tasks,
-                                  max_slowdown=slowdown, work_dir=work / "tasa.work", force=True)
+                                  max_slowdown=slowdown, speed_reference="q3_k_m", work_dir=work / "tasa.work",
+                                  force=True)
         _, summary = run_quantize(request, log=lambda m: print(m, file=sys.stderr))  # GPTQ changes a model in place
         seconds[name] = summary["stage_seconds"]
         files[name] = export(work / name, work / f"{name}.gguf", format="gguf", force=True).path

@@ -103,6 +103,8 @@ def quantize(
     max_slowdown: Annotated[Optional[float], typer.Option(help="GGUF target: decode no slower than this x "
                                                           "llama.cpp's preset of the same size (measured with "
                                                           "llama-bench; default 1.0 when llama.cpp is built; 0: off).")] = None,
+    speed_reference: Annotated[Optional[str], typer.Option(help="The llama.cpp preset for --max-slowdown, e.g. "
+                                                           "q3_k_m (default: the preset of the budget's nominal size).")] = None,
     method: Annotated[str, typer.Option(help="tasa | uniform")] = "tasa",
     target: Annotated[str, typer.Option(help="Grid to quantize onto: vllm (int groups) | gguf (GGML types).")] = "vllm",
     tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
@@ -140,7 +142,8 @@ def quantize(
     """Run TASA (mix -> profile -> plan -> GPTQ) or a uniform quantization; write a quantized artifact."""
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
-    options = dict(model=model, bits=bits, size=size, max_slowdown=max_slowdown, method=method, target=target, tasks=_csv(tasks),
+    options = dict(model=model, bits=bits, size=size, max_slowdown=max_slowdown, speed_reference=speed_reference,
+                   method=method, target=target, tasks=_csv(tasks),
                    task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=_ints(candidates),
                    beta=beta, group_size=group_size, symmetric=not asym, quantizer=quantizer, alpha=alpha,
                    calib_samples=calib_samples, seq_len=seq_len, seed=seed, act_order=act_order,

@@ -48,6 +48,7 @@ class QuantizeRequest:
     size: str | None = None  # whole-file budget of the --target export ("120MB", "4GB"; TASA): replaces bits
     max_slowdown: float | None = None  # GGUF TASA: decode no slower than this x llama.cpp's preset of the same
     #   size (tasa_deploy.speed); None: 1.0 when llama.cpp's tools are built, else speed-blind; 0: speed-blind
+    speed_reference: str | None = None  # llama.cpp preset to be no slower than (None: the budget's nominal match)
     method: str = "tasa"  # "tasa" | "uniform"
     target: str = "vllm"  # "vllm" (int g128 grid) | "gguf" (GGML grids)
     tasks: tuple[str, ...] = ("gsm8k", "arc")
@@ -107,6 +108,11 @@ class QuantizeRequest:
         check_budget_args(self.bits, self.beta, self.target)
         if self.max_slowdown is not None and not (math.isfinite(self.max_slowdown) and self.max_slowdown >= 0):
             raise UsageError(f"--max-slowdown must be a number >= 0 (0: speed-blind), got {self.max_slowdown}")
+        if self.speed_reference is not None:
+            from tasa_deploy.speed import PRESETS
+
+            if self.speed_reference not in PRESETS:
+                raise UsageError(f"--speed-reference must be one of {', '.join(PRESETS)}, got '{self.speed_reference}'")
         if self.size is not None:
             parse_size(self.size)
             if self.method != "tasa" or self.plan_path is not None:
@@ -185,7 +191,8 @@ def request_to_json(request: QuantizeRequest) -> dict:
     workers (byte-identical results) left out, so identical runs give identical files."""
     kept = {k: v for k, v in asdict(request).items()
             if k not in ("out", "work_dir", "force", "plan_path", "device", "workers")}
-    for name, default in (("dtype", None), ("mix_draws", 1), ("size", None), ("max_slowdown", None)):  # as before
+    for name, default in (("dtype", None), ("mix_draws", 1), ("size", None), ("max_slowdown", None),
+                          ("speed_reference", None)):  # defaults leave stored plans as they were
         if kept[name] == default:
             del kept[name]
     return kept
@@ -287,7 +294,8 @@ def speed_for(request: QuantizeRequest, loaded: LoadedModel | None, profile: Sen
         log("speed-blind GGUF plan: llama.cpp's llama-bench is not built (bash benchmarks/llamacpp.sh)")
         return None
     slowdown = request.max_slowdown or 1.0
-    return lambda unit_keys, bits: speed.speed_constraint(loaded, profile, unit_keys, bits, slowdown, log=log)
+    return lambda unit_keys, bits: speed.speed_constraint(loaded, profile, unit_keys, bits, slowdown,
+                                                          preset=request.speed_reference, log=log)
 
 
 def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: Path,

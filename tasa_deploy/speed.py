@@ -142,8 +142,13 @@ def _decode_tok_s(path: Path, threads: int, reps: int, n_gen: int) -> float:
     return llama_bench(path, n_prompt=16, n_gen=n_gen, threads=threads, reps=reps).decode_tok_s
 
 
+PRESETS = tuple(name for name, _ in PRESET_FOR_BITS)
+
+
 def reference_preset(average_bits: float) -> str:
-    """llama.cpp's preset whose size matches a GGUF budget of `average_bits` (true bpw over the linears)."""
+    """llama.cpp's preset whose NOMINAL size matches a GGUF budget of `average_bits` (true bpw over the linears).
+    Approximate: where rows cannot take k-quants (K % 256 != 0) llama.cpp falls back to wider types and a preset
+    grows (SmolLM2's Q3_K_M is 4.63 bpw), so name the preset with `--speed-reference` when it matters."""
     return next(name for name, upper in PRESET_FOR_BITS if average_bits <= upper)
 
 
@@ -178,14 +183,15 @@ def measure_reference(loaded, fingerprint: str, preset: str, *, threads: int = 2
 
 
 def speed_constraint(loaded, profile, unit_keys: Mapping[str, list[str]], average_bits: float, max_slowdown: float,
-                     *, threads: int = 2, log=lambda m: None) -> tuple[dict, float, dict]:
+                     *, preset: str | None = None, threads: int = 2, log=lambda m: None) -> tuple[dict, float, dict]:
     """(seconds[unit][key] relative to q8_0, the limit on their sum, info for the plan) for GGUF candidates
-    `unit_keys` at a budget of `average_bits`: no slower than `max_slowdown` x llama.cpp's preset of that size."""
+    `unit_keys` at a budget of `average_bits`: no slower than `max_slowdown` x llama.cpp's `preset` (default: the
+    preset whose nominal size matches the budget, `reference_preset`)."""
     from tasa_deploy.quant.spec import QuantSpec
 
     types = sorted({QuantSpec.from_key(k).fmt for keys in unit_keys.values() for k in keys})
     costs = measure_type_costs(loaded, profile.model_fingerprint, types, threads=threads, log=log)
-    preset = reference_preset(average_bits)
+    preset = preset or reference_preset(average_bits)
     reference = measure_reference(loaded, profile.model_fingerprint, preset, threads=threads, log=log)
     weights = {u.name: u.n_weights for u in profile.units}
     seconds = {u: {k: costs.delta(QuantSpec.from_key(k).fmt, weights[u]) for k in keys} for u, keys in unit_keys.items()}
