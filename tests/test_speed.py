@@ -49,3 +49,13 @@ def test_speed_aware_gguf_plan_is_held_under_the_reference(tiny_model_dir, tmp_p
                                      "--work-dir", str(tmp_path / "fast.work")])
     assert blind.exit_code == 0, blind.output
     assert "speed" not in BitPlan.load(tmp_path / "blind" / "tasa_plan.json").info
+
+
+def test_speed_options_are_checked_up_front(tmp_path):
+    from tasa_deploy import UsageError
+    from tasa_deploy.pipeline import QuantizeRequest
+
+    with pytest.raises(UsageError, match="--speed-reference"):
+        QuantizeRequest(out=tmp_path / "x", target="gguf", speed_reference="q9_z")
+    with pytest.raises(UsageError, match="--max-slowdown"):
+        QuantizeRequest(out=tmp_path / "x", target="gguf", max_slowdown=-1.0)
