@@ -6,13 +6,13 @@ Q4_1-heavy plan ran at 111 tok/s against Q3_K_M's 155 on SmolLM2). So the alloca
 
 Cost model (measured once per machine, llama.cpp build, model and thread count; cached as JSON under the cache
 dir): for each candidate type T a GGUF of the model with every linear row that fits T stored as T and the rest as
-q8_0 (RTN: the values do not change the speed), and one all-q8_0 file, each decoded by `llama-bench` (tg,
-`reps` runs). The time per token of file T minus that of the q8_0 file is w_T (c_T - c_q8) (w_T: the weights
+q8_0 (RTN: the values do not change the speed), one all-q8_0 file and llama.cpp's reference preset, decoded by
+`llama-bench` (tg64) in interleaved rounds (`measure`). The time per token of file T minus that of the q8_0 file is w_T (c_T - c_q8) (w_T: the weights
 stored as T), so each type's per-weight cost is known relative to q8_0, and a plan's time per token is predicted
 as t_q8 + sum over units of n_weights x (c_type - c_q8).
 
 Constraint: that prediction at most `max_slowdown` x the measured time per token of llama.cpp's own preset file
-of the same size (llama-quantize from the base model, `measure_reference`, embeddings and head kept f16 as our
+of the same size (llama-quantize from the base model, `_preset_gguf`, embeddings and head kept f16 as our
 exporter writes them, so the two differ only in their linear layers); the same benchmark also reports what
 the model predicts for the preset's own layout when all its types were measured (the model's error, in the
 plan's info). Only measured quantities enter: no assumption about the runtime's speed per byte.
@@ -75,36 +75,45 @@ def _cpu_model() -> str:
         return "unknown"
 
 
-def measure_type_costs(loaded, fingerprint: str, types: list[str], *, threads: int = 2, reps: int = 3,
-                       n_gen: int = 32, log=lambda m: None) -> TypeCosts:
-    """The cost model for `loaded` (a LoadedModel) over `types` (GGML type names), cached per machine key."""
+def measure(loaded, fingerprint: str, types: list[str], preset: str, *, threads: int = 2, rounds: int = 3,
+            reps: int = 2, n_gen: int = 64, log=lambda m: None) -> tuple[TypeCosts, dict]:
+    """The cost model over `types` and llama.cpp's `preset` file, measured together: every file is benchmarked
+    once per round, round-robin, so drift of the machine hits all alike (separate sessions differed by more
+    than the type differences on a 2-core box). Cached per machine key, types and preset."""
     from tasa_deploy.exporters.gguf_pack import GGUF_QTYPE
 
-    key = machine_key(fingerprint, threads)
-    path = cache_path(key)
     wanted = sorted(set(types) | {ANCHOR})
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if set(wanted) <= set(cached["delta_s_per_weight"]):
-            return TypeCosts(cached["delta_s_per_weight"], cached["anchor_s"], cached["tok_s"], cached["key"])
     unknown = [t for t in wanted if t not in GGUF_QTYPE]
     if unknown:
         raise UsageError(f"cannot measure {unknown[0]}: not a GGML type we write")
-    tok_s, stored = {}, {}
+    key = {**machine_key(fingerprint, threads), "preset": preset, "types": "+".join(wanted)}
+    path = cache_path(key)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        costs = cached["costs"]
+        return TypeCosts(costs["delta_s_per_weight"], costs["anchor_s"], costs["tok_s"], costs["key"]), cached["reference"]
     with tempfile.TemporaryDirectory(prefix="tasa-speed-") as tmp:
+        files, stored = {}, {}
         for type_name in wanted:
-            log(f"measuring decode speed of {type_name} with llama-bench")
-            gguf_path, stored[type_name] = _single_type_gguf(loaded, type_name, Path(tmp))
-            tok_s[type_name] = _decode_tok_s(gguf_path, threads, reps, n_gen)
-            gguf_path.unlink()
+            files[type_name], stored[type_name] = _single_type_gguf(loaded, type_name, Path(tmp))
+        files[f"preset:{preset}"], reference_weights = _preset_gguf(loaded, preset, Path(tmp), log)
+        runs: dict[str, list[float]] = {name: [] for name in files}
+        for round_index in range(rounds):
+            log(f"llama-bench round {round_index + 1}/{rounds} over {len(files)} files (decode speed per type)")
+            for name, gguf_path in files.items():
+                runs[name].append(_decode_tok_s(gguf_path, threads, reps, n_gen))
+    tok_s = {name: sum(values) / len(values) for name, values in runs.items()}
     anchor = 1.0 / tok_s[ANCHOR]
-    deltas = {t: 0.0 if t == ANCHOR else (1.0 / rate - anchor) / max(stored[t], 1) for t, rate in tok_s.items()}
-    result = TypeCosts(deltas, anchor, tok_s, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    deltas = {t: 0.0 if t == ANCHOR else (1.0 / tok_s[t] - anchor) / max(stored[t], 1) for t in wanted}
+    costs = TypeCosts(deltas, anchor, {t: tok_s[t] for t in wanted}, key)
+    reference = {"preset": preset, "tok_s": tok_s[f"preset:{preset}"], "seconds": 1.0 / tok_s[f"preset:{preset}"],
+                 "type_weights": reference_weights, "rounds": runs[f"preset:{preset}"]}
     from tasa_deploy.outputs import write_json_atomic
 
-    write_json_atomic(path, {"schema": "tasa-type-costs/1", **asdict(result)}, force=True)
-    return result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"schema": "tasa-type-costs/1", "costs": asdict(costs), "reference": reference,
+                             "runs": runs}, force=True)
+    return costs, reference
 
 
 def _single_type_gguf(loaded, type_name: str, tmp: Path) -> tuple[Path, int]:
@@ -152,34 +161,24 @@ def reference_preset(average_bits: float) -> str:
     return next(name for name, upper in PRESET_FOR_BITS if average_bits <= upper)
 
 
-def measure_reference(loaded, fingerprint: str, preset: str, *, threads: int = 2, reps: int = 3, n_gen: int = 32,
-                      log=lambda m: None) -> dict:
-    """llama-quantize's `preset` file of this model: {"preset", "tok_s", "seconds", "type_weights"} (cached)."""
+def _preset_gguf(loaded, preset: str, tmp: Path, log) -> tuple[Path, dict[str, int]]:
+    """llama-quantize's `preset` of the base model (embeddings and head f16, as our exporter writes them, so the
+    files differ only in their linear layers) and its {type: weights} over the linear layers."""
     import gguf
 
     from tasa_deploy.exporters.gguf import export_dense_gguf
     from tasa_deploy.exporters.llamacpp import llama_quantize
 
-    key = {**machine_key(fingerprint, threads), "preset": preset}
-    path = cache_path(key)
-    if path.is_file():
-        return json.loads(path.read_text())["reference"]
-    with tempfile.TemporaryDirectory(prefix="tasa-preset-") as tmp:
-        dense = export_dense_gguf(loaded.model_dir, Path(tmp) / "f16.gguf")
-        log(f"measuring llama-quantize's {preset.upper()} of this model as the speed reference")
-        out = llama_quantize(dense, Path(tmp) / f"{preset}.gguf", preset.upper(), embedding_type="f16")  # as ours
-        weights: dict[str, int] = {}
-        for tensor in gguf.GGUFReader(out).tensors:
-            if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
-                name = tensor.tensor_type.name.lower()
-                weights[name] = weights.get(name, 0) + int(tensor.n_elements)
-        rate = _decode_tok_s(out, threads, reps, n_gen)
-    reference = {"preset": preset, "tok_s": rate, "seconds": 1.0 / rate, "type_weights": weights}
-    from tasa_deploy.outputs import write_json_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"schema": "tasa-type-costs/1", "reference": reference}, force=True)
-    return reference
+    dense = export_dense_gguf(loaded.model_dir, tmp / "f16.gguf")
+    log(f"llama-quantize {preset.upper()} of this model: the speed reference")
+    out = llama_quantize(dense, tmp / f"{preset}.gguf", preset.upper(), embedding_type="f16")
+    dense.unlink()
+    weights: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(out).tensors:
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            name = tensor.tensor_type.name.lower()
+            weights[name] = weights.get(name, 0) + int(tensor.n_elements)
+    return out, weights
 
 
 def speed_constraint(loaded, profile, unit_keys: Mapping[str, list[str]], average_bits: float, max_slowdown: float,
@@ -190,9 +189,8 @@ def speed_constraint(loaded, profile, unit_keys: Mapping[str, list[str]], averag
     from tasa_deploy.quant.spec import QuantSpec
 
     types = sorted({QuantSpec.from_key(k).fmt for keys in unit_keys.values() for k in keys})
-    costs = measure_type_costs(loaded, profile.model_fingerprint, types, threads=threads, log=log)
     preset = preset or reference_preset(average_bits)
-    reference = measure_reference(loaded, profile.model_fingerprint, preset, threads=threads, log=log)
+    costs, reference = measure(loaded, profile.model_fingerprint, types, preset, threads=threads, log=log)
     weights = {u.name: u.n_weights for u in profile.units}
     seconds = {u: {k: costs.delta(QuantSpec.from_key(k).fmt, weights[u]) for k in keys} for u, keys in unit_keys.items()}
     predicted_reference = (costs.predict(reference["type_weights"])
