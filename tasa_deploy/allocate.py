@@ -87,14 +87,15 @@ def allocate_total_bits(units: Mapping[str, Sequence[Option]], budget_total_bits
 
 def allocate_with_time(units: Mapping[str, Sequence[Option]], budget_total_bits: float,
                        seconds: Mapping[str, Mapping[str, float]], max_seconds: float,
-                       iterations: int = 40) -> tuple[Allocation, float]:
+                       iterations: int = 40, strict: bool = True) -> tuple[Allocation, float]:
     """Minimum-error choice with total bits <= `budget_total_bits` AND predicted time <= `max_seconds`, where
     seconds[unit][key] is the option's predicted time (speed-aware plans, `tasa_deploy.speed`).
 
     Lagrangian relaxation of the time constraint: the exact bits knapsack is solved for error + lam * seconds,
     lam found by bisection (the smallest lam tried whose plan meets the time); returns (allocation with the
     true errors, its predicted seconds). Exact in the bits budget; within the time budget whenever any lam
-    reaches it (else a UsageError naming the fastest time found); the error is that of the best multiplier,
+    reaches it (else a UsageError naming the fastest time found, or with strict=False the fastest plan found,
+    whose time the caller compares with the limit); the error is that of the best multiplier,
     which can miss the true two-constraint optimum by the duality gap (small when there are many units)."""
     def solve(lam: float) -> tuple[Allocation, float]:
         weighted = {u: [Option(o.key, o.bpw, o.n_weights, o.error + lam * seconds[u][o.key]) for o in options]
@@ -113,6 +114,8 @@ def allocate_with_time(units: Mapping[str, Sequence[Option]], budget_total_bits:
                 break
             high *= 4
             fastest, fastest_time = solve(high)
+        if fastest_time > max_seconds and not strict:
+            return _with_true_errors(units, fastest), fastest_time
         if fastest_time > max_seconds:
             raise UsageError(f"no plan within the size budget is fast enough: the fastest predicted is "
                              f"{fastest_time:.4g} s per token against the limit {max_seconds:.4g}; relax "
@@ -125,8 +128,12 @@ def allocate_with_time(units: Mapping[str, Sequence[Option]], budget_total_bits:
                 high, best, best_time = middle, allocation, elapsed
             else:
                 low = middle
-    error = sum(next(o.error for o in units[u] if o.key == key) for u, key in best.choice.items())
-    return Allocation(best.choice, best.total_bits, best.n_weights, error), best_time
+    return _with_true_errors(units, best), best_time
+
+
+def _with_true_errors(units: Mapping[str, Sequence[Option]], allocation: Allocation) -> Allocation:
+    error = sum(next(o.error for o in units[u] if o.key == key) for u, key in allocation.choice.items())
+    return Allocation(allocation.choice, allocation.total_bits, allocation.n_weights, error)
 
 
 def _allocate(units, budget: Fraction, budget_text: str, n_total: int, max_dense_cells: int) -> Allocation:

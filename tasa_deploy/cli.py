@@ -204,7 +204,8 @@ def _print_plan_summary(plan) -> None:
         predicted = 1 / (1 / speed["anchor_tok_s"] + speed["predicted_delta_s"])
         out_console.print(f"speed-aware: predicted decode {predicted:.1f} tok/s against llama.cpp "
                           f"{speed['reference'].upper()} measured {speed['reference_tok_s']:.1f} tok/s "
-                          f"(--max-slowdown {speed['max_slowdown']})")
+                          f"(--max-slowdown {speed['max_slowdown']})" + ("" if speed.get("met", True) else
+                          "; NOT met: no plan within the size budget is predicted that fast, this is the fastest"))
 
 
 # ------------------------------------------------------------------------------------------------ mix / profile / plan

@@ -170,8 +170,9 @@ def build_plan(profile: SensitivityProfile, budget_bits: float | None, target: s
         total_bits = budget_bits * n_weights if budget_bytes is None else 8 * budget_bytes
         seconds, max_seconds, speed_info = speed({u: [o.key for o in opts] for u, opts in options.items()},
                                                  total_bits / n_weights)
-        allocation, predicted = allocate_with_time(options, total_bits, seconds, max_seconds)
-        speed_info = {**speed_info, "predicted_delta_s": predicted, "max_delta_s": max_seconds}
+        allocation, predicted = allocate_with_time(options, total_bits, seconds, max_seconds, strict=False)
+        speed_info = {**speed_info, "predicted_delta_s": predicted, "max_delta_s": max_seconds,
+                      "met": predicted <= max_seconds}  # not met: the fastest plan within the size budget
     else:
         allocation = (allocate_average_bits(options, budget_bits) if budget_bytes is None
                       else allocate_total_bits(options, 8 * budget_bytes, at_most=True))

@@ -170,3 +170,5 @@ def test_time_budget_against_brute_force(seed):
             assert allocation.choice == unconstrained.choice
     with pytest.raises(UsageError, match="fast enough"):
         allocate_with_time(units, total_bits, seconds, fastest_feasible * 0.5)
+    fastest, predicted = allocate_with_time(units, total_bits, seconds, fastest_feasible * 0.5, strict=False)
+    assert predicted == pytest.approx(fastest_feasible) and fastest.total_bits <= total_bits + 1e-9  # the fastest plan
