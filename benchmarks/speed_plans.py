@@ -6,6 +6,7 @@ Rows (embeddings and head kept f16 in every file, so the files differ only in th
   tasa-gguf-q3_k_m-size                 `quantize --target gguf --size <Q3_K_M's bytes> --max-slowdown 0`
   tasa-gguf-q3_k_m-size-speed           the same with `--max-slowdown 1.0` (decode no slower than Q3_K_M, predicted
                                         from llama-bench of single-type files: tasa_deploy/speed.py)
+  tasa-gguf-q3_k_m-size-speed1.05       `--max-slowdown 1.05` (at least 95% of Q3_K_M's decode speed)
 Per row: file bytes, linear bpw, llama-bench decode (tg) and prompt (pp) tok/s (`--reps` runs each, the rows
 interleaved round-robin so drift hits all alike; mean and SE over rounds), WikiText-2 perplexity and KL divergence
 from the f16 base (llama-perplexity --kl-divergence, ctx 512, --chunks), and task KL: the same on a text of the
@@ -13,6 +14,7 @@ task data (GSM8K test solutions; HumanEval prompts with their reference code for
 are measured once).
 
 Usage: python benchmarks/speed_plans.py [--model smollm2-135m] [--tasks gsm8k,arc] [--chunks 8] [--rounds 3]
+       [--slowdowns 1.0,1.05]
 Run alone on an idle machine.
 """
 
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="gsm8k,arc")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slowdowns", default="1.0,1.05", help="--max-slowdown of each speed-aware row")
     parser.add_argument("--work", type=Path, default=None, help="keep files here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -77,7 +80,9 @@ def main() -> None:
         files[f"llamacpp-{preset}"] = llama_quantize(base, work / f"{preset}.gguf", preset.upper(), embedding_type="f16")
     size = files["llamacpp-q3_k_m"].stat().st_size
     seconds = {}
-    for name, slowdown in (("tasa-gguf-q3_k_m-size", 0.0), ("tasa-gguf-q3_k_m-size-speed", 1.0)):
+    variants = [("tasa-gguf-q3_k_m-size", 0.0)] + [
+        (f"tasa-gguf-q3_k_m-size-speed{'' if float(r) == 1.0 else r}", float(r)) for r in args.slowdowns.split(",")]
+    for name, slowdown in variants:
         request = QuantizeRequest(model=args.model, out=work / name, target="gguf", size=f"{size}B", tasks=tasks,
                                   max_slowdown=slowdown, speed_reference="q3_k_m", work_dir=work / "tasa.work",
                                   force=True)
