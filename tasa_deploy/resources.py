@@ -104,15 +104,18 @@ def estimate_stages(config, *, calib_rows: int, seq_len: int, mix_rows: int = 8,
         "forward": forward})
     mix_tokens = mix_rows * mix_seq_len
 
-    def spectrum(k: int) -> int:  # mix.trace_spectrum of one input of width k
-        if 2 * mix_tokens < k:  # projected in float32 first: the K x K sum, then float64 r x r matrices
-            return 4 * k * k + 8 * 8 * (2 * mix_tokens) ** 2
+    def spectrum(k: int) -> int:  # mix.trace_spectrum(_rows) of one input of width k
+        if 2 * mix_tokens < k:  # rows: the stacked rows and the basis (K x r), float64 r x r matrices
+            return 2 * 8 * k * 2 * mix_tokens + 8 * 8 * (2 * mix_tokens) ** 2
         return 8 * 8 * k * k  # full rank: float64 copies of the three Grams and the factor work
+
+    def moment(k: int) -> int:  # moments.InputHessian: rows while the source has <= K tokens, else K x K
+        return 4 * k * min(mix_tokens, k)
 
     mix = StageEstimate("mix", {
         "boundary": min(3 * mix_tokens * h * 4 * (s.layers + 1), SPILL_BUDGET),
         "grads": 3 * s.block_params * 4 + 4 * 4 * mix_seq_len * (12 * h + 4 * f),
-        "grams": 3 * 4 * s.gram_floats,
+        "grams": 3 * sum(moment(k) for k in (h, s.heads * s.head_dim, h, s.ffn)),  # qkv, o, gate_up, down inputs
         "spectrum": max(spectrum(k) for k in (h, s.heads * s.head_dim, f)),
         "logits": 3 * 4 * 512 * s.vocab},
         phases=(("logits",), ("grads", "grams", "spectrum")))  # the head pass, then the backward walk

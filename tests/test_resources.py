@@ -29,10 +29,12 @@ def test_parts_follow_their_settings():
     assert more_calibration["gptq"].parts["hessians"] == small["gptq"].parts["hessians"]
     # one Hessian per shared input: 3 x 4096^2 + 14336^2 floats
     assert small["gptq"].parts["hessians"] == 4 * (3 * 4096**2 + 14336**2)
-    # fewer mix tokens than the width: the widest input is projected in float32 (its K x K sum), no float64 K x K
+    # fewer mix tokens than the width: rows, never a K x K matrix (stacked rows + basis K x r, float64 r x r)
     few = estimate_stages(LLAMA3_8B, calib_rows=32, seq_len=512, mix_rows=2, mix_seq_len=256)
     many = estimate_stages(LLAMA3_8B, calib_rows=32, seq_len=512, mix_rows=64, mix_seq_len=256)
-    assert few["mix"].parts["spectrum"] == 4 * 14336**2 + 64 * 1024**2
+    assert few["mix"].parts["spectrum"] == 2 * 8 * 14336 * 1024 + 64 * 1024**2
+    assert few["mix"].parts["grams"] == 3 * 4 * 512 * (3 * 4096 + 14336)  # each source's 512 rows per input
+    assert many["mix"].parts["grams"] == 3 * 4 * (3 * 4096**2 + 14336**2)  # 16k tokens: the matrices
     assert many["mix"].parts["spectrum"] == 64 * 14336**2  # 32k tokens: full rank, float64 work
     # boundary states spill to disk past 2 GiB, so they never exceed it
     assert many["mix"].parts["boundary"] <= 2 * GIB
