@@ -82,13 +82,14 @@ def quantize(model: Any = "smollm2-135m", *, out: str | Path, tokenizer=None, ta
 
 
 def export(artifact, out: str | Path, *, format: str = "gguf", via: str | None = None, re_round: bool = False,
-           device: str | None = None, force: bool = False, log: Log = _quiet, results: str | Path | None = None,
+           device: str | None = None, force: bool = False, log: Log = _quiet, results=None,
            push_to_hub: str | None = None, private: bool = False):
     """Export an artifact (a QuantizedArtifact or its directory) for llama.cpp (GGUF) or vLLM; returns the
     exporter's report. GGUF of an int-grid artifact re-runs GPTQ onto the GGML grids (`requantize`) unless
     re_round; via="llama-quantize" lets llama.cpp's own quantizer apply the plan; via="convert" writes through
     llama.cpp's convert_hf_to_gguf.py (the default for architectures our writer does not know, e.g. Gemma-3).
-    results: an `eval --out` file whose figures go into the model card; push_to_hub: a hub repo id to upload the
+    results: `eval --out` / `bench --out` files (one or a list) whose figures go into the model card; push_to_hub:
+    a hub repo id to upload the
     export and its card to (`tasa_deploy.card`)."""
     report = _export(artifact, out, format, via, re_round, device, force, log, results)
     if push_to_hub:
@@ -110,7 +111,7 @@ def _card_text(artifact: Path, out: Path, format: str, results) -> str:
     return model_card(BitPlan.load(artifact / "tasa_plan.json"),
                       read_json(artifact / "config.json", "model config", allow_nonfinite=True), fmt="gguf",
                       file_name=out.name, file_bytes=out.stat().st_size,
-                      results=read_results(Path(results)) if results else None)
+                      results=read_results(results) if results else None)
 
 
 def _export(artifact, out, format, via, re_round, device, force, log, results):
@@ -128,12 +129,12 @@ def _export(artifact, out, format, via, re_round, device, force, log, results):
     if results is not None:
         from tasa_deploy.card import read_results
 
-        read_results(Path(results))  # a bad results file is refused before any work
+        read_results(results)  # a bad results file is refused before any work
     if format == "vllm":
         from tasa_deploy.card import read_results
         from tasa_deploy.exporters.vllm import export_vllm
 
-        return export_vllm(artifact, out, force=force, results=read_results(Path(results)) if results else None)
+        return export_vllm(artifact, out, force=force, results=read_results(results) if results else None)
     if via == "llama-quantize":
         return _export_via_llama_quantize(artifact, out, force)
     return _export_gguf(artifact, out, re_round, device, force, log, via)

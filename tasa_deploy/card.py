@@ -2,8 +2,8 @@
 
 A card says what a user needs before downloading: the base model, how it was quantized (method, linear-layer bits
 per weight, the grids/types and how many modules each, the whole file's bytes, the tasks the plan protects and
-the calibration mixture), measured quality when `tasa-deploy eval --out results.json` was run and passed with
-`export --results`, and how to serve it (llama-server for GGUF, vllm serve for a compressed-tensors directory).
+the calibration mixture), measured quality and speed when `tasa-deploy eval --out eval.json` and / or
+`tasa-deploy bench --out bench.json` were run and passed with `export --results` (repeatable), and how to serve it (llama-server for GGUF, vllm serve for a compressed-tensors directory).
 The vLLM export directory carries it as README.md; `export --push-to-hub REPO` uploads the export with its card
 (for a GGUF: the file plus README.md) through `huggingface_hub`.
 """
@@ -20,17 +20,36 @@ from tasa_deploy.artifacts import BitPlan
 from tasa_deploy.schema import check_schema, read_json
 
 EVAL_SCHEMA = "tasa-eval/1"
+BENCH_SCHEMA = "tasa-bench/1"
 
 
-def read_results(path: Path) -> dict:
-    """An `eval --out` file: {task: {metric: number}}; other files are refused with one line."""
-    obj = read_json(Path(path), "eval results")
-    check_schema(obj, EVAL_SCHEMA, Path(path), "eval results")
-    results = obj.get("results")
-    if not isinstance(results, dict):
-        raise UsageError(f"--results {path}: 'results' must be an object of task -> metrics")
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for task, metrics in results.items() if isinstance(metrics, dict)}
+def read_results(paths) -> dict:
+    """Measured figures for the card from `eval --out` (quality) and `bench --out` (served tasks and load test)
+    files, merged: {row: {metric: number}}. Any other file is refused with one line."""
+    merged: dict = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        obj = read_json(Path(path), "results")
+        schema = obj.get("schema")
+        check_schema(obj, EVAL_SCHEMA if schema != BENCH_SCHEMA else BENCH_SCHEMA, Path(path), "eval or bench results")
+        if schema == BENCH_SCHEMA:
+            merged.update({f"{task} (served)": _numbers(m) for task, m in (obj.get("tasks") or {}).items()})
+            for row in obj.get("load") or []:
+                if isinstance(row, dict) and isinstance(row.get("ttft_s"), dict):
+                    merged[f"load, {row.get('clients')} clients"] = {
+                        "output tok/s": row.get("output_tok_per_s"), "TTFT p50 (s)": row["ttft_s"].get("p50"),
+                        "TPOT p50 (ms)": 1000 * (row.get("tpot_s") or {}).get("p50", float("nan"))}
+            continue
+        results = obj.get("results")
+        if not isinstance(results, dict):
+            raise UsageError(f"--results {path}: 'results' must be an object of task -> metrics")
+        merged.update({task: _numbers(metrics) for task, metrics in results.items() if isinstance(metrics, dict)})
+    return {row: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for row, metrics in merged.items()}
+
+
+def _numbers(metrics) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} \
+        if isinstance(metrics, dict) else {}
 
 
 def model_card(plan: BitPlan, config: Mapping[str, Any], *, fmt: str, file_name: str, file_bytes: int,
@@ -63,7 +82,7 @@ def _results_section(results: Mapping[str, Mapping[str, float]] | None) -> list[
     if not results:
         return ["## Quality", "", "Not measured yet: `tasa-deploy eval --model <artifact> --tasks wikitext2,gsm8k "
                 "--out results.json`, then export with `--results results.json`.", ""]
-    lines = ["## Quality (measured)", "", "| task | metric | value |", "|---|---|---|"]
+    lines = ["## Quality and speed (measured)", "", "| task | metric | value |", "|---|---|---|"]
     for task, metrics in results.items():
         lines += [f"| {task} | {name} | {value:.4g} |" for name, value in metrics.items()]
     return lines + [""]

@@ -418,7 +418,8 @@ def export(
                                            "from their dequantized weights (fast, lossy) instead of re-running GPTQ.")] = False,
     device: DeviceOption = None,
     force: Annotated[bool, typer.Option("--force")] = False,
-    results: Annotated[Optional[Path], typer.Option(help="An `eval --out` JSON whose figures go into the model card.")] = None,
+    results: Annotated[Optional[list[Path]], typer.Option(help="`eval --out` / `bench --out` JSON whose figures go into "
+                                                          "the model card (repeatable).")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the export and its model "
                                                        "card to this Hugging Face hub repo (org/name).")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,

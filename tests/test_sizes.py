@@ -98,9 +98,14 @@ def test_vllm_export_carries_a_model_card_with_results(uniform_artifact, tmp_pat
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"schema": "tasa-eval/1", "model": "x",
                                    "results": {"wikitext2": {"ppl": 31.25, "n": 8}}}))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"schema": "tasa-bench/1", "target": "x", "tasks": {},
+                                 "load": [{"clients": 4, "output_tok_per_s": 371.6, "ttft_s": {"p50": 0.02},
+                                           "tpot_s": {"p50": 0.0096}}]}))
     assert invoke("export", uniform_artifact, "--format", "vllm", "--out", tmp_path / "v",
-                  "--results", results).exit_code == 0
+                  "--results", results, "--results", bench).exit_code == 0
     card = (tmp_path / "v" / "README.md").read_text()
+    assert "| load, 4 clients | output tok/s | 371.6 |" in card and "| load, 4 clients | TPOT p50 (ms) | 9.6 |" in card
     front = yaml.safe_load(card.split("---")[1])
     assert front["quantized_by"] == "tasa-deploy" and "compressed-tensors" in front["tags"]
     assert front["pipeline_tag"] == "text-generation" and front["base_model"]
