@@ -205,11 +205,10 @@ def copy_side_files(src: Path, dst: Path) -> None:
 def export_vllm(artifact_dir: Path, out_dir: Path, *, force: bool = False,
                 results: Mapping | None = None) -> VllmExportReport:
     """Write a compressed-tensors checkpoint of the artifact at `artifact_dir` that `vllm serve out_dir` loads,
-    with its model card (README.md; `results`: measured quality from `eval --out`, see `tasa_deploy.card`)."""
+    with its model card (README.md; `results`: measured figures, `tasa_deploy.card.read_results`)."""
     import json
 
     from tasa_deploy.card import model_card
-
     from tasa_deploy.safetensors_io import LazyTensor, write_safetensors
 
     check_output(Path(out_dir), is_dir=True, force=force, inputs=(Path(artifact_dir),))

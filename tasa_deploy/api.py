@@ -89,21 +89,23 @@ def export(artifact, out: str | Path, *, format: str = "gguf", via: str | None =
     re_round; via="llama-quantize" lets llama.cpp's own quantizer apply the plan; via="convert" writes through
     llama.cpp's convert_hf_to_gguf.py (the default for architectures our writer does not know, e.g. Gemma-3).
     results: `eval --out` / `bench --out` files (one or a list) whose figures go into the model card; push_to_hub:
-    a hub repo id to upload the
-    export and its card to (`tasa_deploy.card`)."""
-    report = _export(artifact, out, format, via, re_round, device, force, log, results)
+    a hub repo id to upload the export and its card to (`tasa_deploy.card`)."""
+    from tasa_deploy.card import read_results
+
+    figures = read_results(results) if results else None  # a bad results file is refused before any work
+    report = _export(artifact, out, format, via, re_round, device, force, log, figures)
     if push_to_hub:
         from tasa_deploy.card import push_to_hub as push
 
-        card = _card_text(Path(getattr(artifact, "path", artifact)), Path(out), format, results)
+        card = _card_text(Path(getattr(artifact, "path", artifact)), Path(out), format, figures)
         log(f"uploaded to {push(push_to_hub, Path(out), card, private=private)}")
     return report
 
 
-def _card_text(artifact: Path, out: Path, format: str, results) -> str:
+def _card_text(artifact: Path, out: Path, format: str, figures: dict | None) -> str:
     """The export's card: the vLLM directory's README.md, or one made for a GGUF file."""
     from tasa_deploy.artifacts import BitPlan
-    from tasa_deploy.card import model_card, read_results
+    from tasa_deploy.card import model_card
     from tasa_deploy.schema import read_json
 
     if format == "vllm":
@@ -111,10 +113,10 @@ def _card_text(artifact: Path, out: Path, format: str, results) -> str:
     return model_card(BitPlan.load(artifact / "tasa_plan.json"),
                       read_json(artifact / "config.json", "model config", allow_nonfinite=True), fmt="gguf",
                       file_name=out.name, file_bytes=out.stat().st_size,
-                      results=read_results(results) if results else None)
+                      results=figures)
 
 
-def _export(artifact, out, format, via, re_round, device, force, log, results):
+def _export(artifact, out, format, via, re_round, device, force, log, figures):
     from tasa_deploy.outputs import check_output
 
     artifact = Path(getattr(artifact, "path", artifact))
@@ -126,15 +128,10 @@ def _export(artifact, out, format, via, re_round, device, force, log, results):
                          f"--format gguf only, got '{via}'")
     need = sum(f.stat().st_size for f in artifact.glob("*.safetensors")) if artifact.is_dir() else 0
     check_output(out, is_dir=format == "vllm", force=force, inputs=(artifact,), need_bytes=need)
-    if results is not None:
-        from tasa_deploy.card import read_results
-
-        read_results(results)  # a bad results file is refused before any work
     if format == "vllm":
-        from tasa_deploy.card import read_results
         from tasa_deploy.exporters.vllm import export_vllm
 
-        return export_vllm(artifact, out, force=force, results=read_results(results) if results else None)
+        return export_vllm(artifact, out, force=force, results=figures)
     if via == "llama-quantize":
         return _export_via_llama_quantize(artifact, out, force)
     return _export_gguf(artifact, out, re_round, device, force, log, via)

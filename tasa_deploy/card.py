@@ -35,16 +35,15 @@ def read_results(paths) -> dict:
             merged.update({f"{task} (served)": _numbers(m) for task, m in (obj.get("tasks") or {}).items()})
             for row in obj.get("load") or []:
                 if isinstance(row, dict) and isinstance(row.get("ttft_s"), dict):
-                    merged[f"load, {row.get('clients')} clients"] = {
+                    merged[f"load, {row.get('clients')} clients"] = _numbers({
                         "output tok/s": row.get("output_tok_per_s"), "TTFT p50 (s)": row["ttft_s"].get("p50"),
-                        "TPOT p50 (ms)": 1000 * (row.get("tpot_s") or {}).get("p50", float("nan"))}
+                        "TPOT p50 (ms)": 1000 * (row.get("tpot_s") or {}).get("p50", float("nan"))})
             continue
         results = obj.get("results")
         if not isinstance(results, dict):
             raise UsageError(f"--results {path}: 'results' must be an object of task -> metrics")
         merged.update({task: _numbers(metrics) for task, metrics in results.items() if isinstance(metrics, dict)})
-    return {row: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for row, metrics in merged.items()}
+    return merged
 
 
 def _numbers(metrics) -> dict:

@@ -65,11 +65,12 @@ def bench(
     task_names = tuple(t for t in tasks.split(",") if t)
     counts = [int(c) for c in clients.split(",") if c.strip()]
     tok = _tokenizer(tokenizer, target)
+    prompt = load_prompt(tok, prompt_tokens) if counts else []
     server = start_server(target, parallel=parallel, log=lambda m: console.print(m)) if target is not None else None
     base = server.url if server else url.rstrip("/")
     try:
         report = {"target": str(target or url), "tasks": run_tasks(base, tok, task_names, limit, parallel) if task_names else {},
-                  "load": [load_test(base, load_prompt(tok, prompt_tokens), clients=c, requests=max(requests, c),
+                  "load": [load_test(base, prompt, clients=c, requests=max(requests, c),
                                      output_tokens=output_tokens) for c in counts]}
         report["server_peak_rss_mib"] = server.peak_rss_mib() if server else None
     finally:

@@ -223,7 +223,7 @@ def trace_spectrum_rows(r_test: torch.Tensor, r_gen: torch.Tensor, r_task: torch
     the basis chosen for the span, and the damping is relative to the projected diagonal's mean."""
     stacked = torch.cat([r_gen, r_task])  # [m, K]
     values, vectors = torch.linalg.eigh((stacked @ stacked.T).double())  # [m], ascending
-    keep = values > rel_tol * values[-1].clamp(min=1e-300)
+    keep = _kept(values, rel_tol, None)
     basis = (stacked.T.double() @ (vectors[:, keep] / values[keep].sqrt())).to(stacked.dtype)  # [K, r]
     h_test, h_gen, h_task = ((r @ basis).double() for r in (r_test, r_gen, r_task))  # [n, r]
     return trace_spectrum(h_test.T @ h_test, h_gen.T @ h_gen, h_task.T @ h_task, damp)

@@ -60,7 +60,7 @@ def save_artifact(out_dir: Path, *, base_model_dir: Path, plan: BitPlan, modules
     read back from disk module by module, so saving does not hold the quantized model in memory."""
     out_dir = Path(out_dir)
     config = read_json(Path(base_model_dir) / "config.json", "model config", allow_nonfinite=True)
-    index = {name: _index_meta(qt) for name, qt in modules.items()}  # reads each module once (BlockFiles)
+    index, flat_modules = _stored_modules(modules)
     check_weights(config, _stored_shapes({n: meta["shape"] for n, meta in index.items()}, tensors), str(out_dir))
     with atomic_path(out_dir, is_dir=True, force=force, inputs=inputs) as tmp:
         for item in extra_files:
@@ -70,7 +70,7 @@ def save_artifact(out_dir: Path, *, base_model_dir: Path, plan: BitPlan, modules
                 if not item.name.endswith(".index.json"):
                     shutil.copy2(item, tmp / item.name)
         flat = {k: LazyTensor.of(v) for k, v in tensors.items()}
-        flat.update(_module_tensors(modules))
+        flat.update(flat_modules)
         write_safetensors(tmp / "model.safetensors", flat, metadata={"format": "pt"})
         plan.save(tmp / "tasa_plan.json")
         write_json_atomic(tmp / "quantized.json", {"schema": ARTIFACT_SCHEMA,
@@ -79,16 +79,13 @@ def save_artifact(out_dir: Path, *, base_model_dir: Path, plan: BitPlan, modules
     return out_dir
 
 
-def _module_tensors(modules: Mapping[str, QuantizedTensor]) -> dict[str, LazyTensor]:
-    """The stored tensors of every quantized module, unloaded where the mapping can say so (`BlockFiles`)."""
+def _stored_modules(modules: Mapping[str, QuantizedTensor]) -> tuple[dict[str, dict], dict[str, LazyTensor]]:
+    """(quantized.json entries, stored tensors) of the quantized modules; from GPTQ's `BlockFiles` without
+    reading any tensor data, which is then streamed from disk as it is written."""
     if hasattr(modules, "flat_tensors"):
-        return modules.flat_tensors()
-    return {key: LazyTensor.of(value) for name, qt in modules.items() for key, value in qt.tensors(name).items()}
-
-
-def _index_meta(qt: QuantizedTensor) -> dict:
-    return {"fmt": qt.fmt, "bits": qt.bits, "group_size": qt.group_size, "symmetric": qt.symmetric,
-            "shape": list(qt.shape)}
+        return modules.index(), modules.flat_tensors()
+    return ({name: qt.index_entry() for name, qt in modules.items()},
+            {key: LazyTensor.of(value) for name, qt in modules.items() for key, value in qt.tensors(name).items()})
 
 
 def load_artifact(path: Path) -> QuantizedArtifact:

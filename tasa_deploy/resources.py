@@ -26,7 +26,7 @@ from tasa_deploy import TasaError, UsageError
 GIB = 1024**3
 SPILL_BUDGET = 2 * GIB  # stream.stream_block_stats keeps boundary states in memory up to this
 OVERHEAD = 1 * GIB  # interpreter, libraries, tokenizer, allocator slack: SmolLM2's whole quantize peaked at
-# 2.15 GiB = 0.50 weights + 0.96 estimated for mix + 0.69 of this (measured with /usr/bin/time, 2026-11-30)
+# 2.17 GiB against 2.19 predicted with this (benchmarks/results/forecast_smollm2-135m.md)
 HOST_ONLY = ("codes", "boundary")  # parts that stay on the host when blocks run on a CUDA device
 KNOBS = {"activations": "--calib-samples/--seq-len", "hessians": "a bigger machine (Hessians scale with width)",
          "gptq_work": "a bigger machine (the widest module's Hessian inverse)", "codes": "a bigger machine",

@@ -92,21 +92,31 @@ def quantize_model(model: nn.Module, plan: BitPlan, calibration_tokens: torch.Te
 
 class BlockFiles(Mapping[str, QuantizedTensor]):
     """Quantized modules kept in the per-block files GPTQ wrote: module name -> QuantizedTensor, each read from
-    its file when asked; `flat_tensors` gives the stored tensors for a streamed write without reading any."""
+    its file when asked; `index` (grid and shape per module) and `flat_tensors` (the stored tensors, for a
+    streamed write) come without reading any tensor data."""
 
     def __init__(self) -> None:
-        self._where: dict[str, tuple[Path, tuple]] = {}  # module -> (file, (fmt, bits, group_size, symmetric))
+        self._where: dict[str, Path] = {}  # module -> its block file
         self._keys: dict[str, tuple[str, ...]] = {}  # module -> its tensor names in the file
+        self._index: dict[str, dict] = {}  # module -> QuantizedTensor.index_entry()
 
     def add(self, path: Path, tensors: Mapping[str, QuantizedTensor]) -> None:
         for name, qt in tensors.items():
-            self._where[name] = (path, (qt.fmt, qt.bits, qt.group_size, qt.symmetric))
+            self._where[name] = path
             self._keys[name] = tuple(qt.tensors(name))
+            self._index[name] = qt.index_entry()
 
     def __getitem__(self, name: str) -> QuantizedTensor:
-        path, (fmt, bits, group, sym) = self._where[name]
-        flat = {key: lazy.load() for key, lazy in lazy_tensors(path, self._keys[name]).items()}
-        return QuantizedTensor.from_tensors(name, flat, fmt, bits, group, sym)
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), "pt") as f:
+            flat = {key: f.get_tensor(key) for key in self._keys[name]}
+        meta = self._index[name]
+        return QuantizedTensor.from_tensors(name, flat, meta["fmt"], meta["bits"], meta["group_size"],
+                                            meta["symmetric"])
+
+    def index(self) -> dict[str, dict]:
+        return dict(self._index)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -116,7 +126,7 @@ class BlockFiles(Mapping[str, QuantizedTensor]):
 
     def flat_tensors(self) -> dict[str, LazyTensor]:
         out: dict[str, LazyTensor] = {}
-        for name, (path, _) in self._where.items():
+        for name, path in self._where.items():
             out.update(lazy_tensors(path, self._keys[name]))
         return out
 

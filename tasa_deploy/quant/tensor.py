@@ -51,6 +51,11 @@ class QuantizedTensor:
                        zeros=None if self.zeros is None else self.zeros.to(device),
                        extra={k: v.to(device) for k, v in self.extra.items()})
 
+    def index_entry(self) -> dict:
+        """The grid and shape an artifact's quantized.json records for this tensor."""
+        return {"fmt": self.fmt, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "shape": list(self.shape)}
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat tensor dict for safetensors: `{prefix}.codes`, `.scales`, `.zeros`, `.extra.<name>`."""
         out = {f"{prefix}.codes": self.codes, f"{prefix}.scales": self.scales}
