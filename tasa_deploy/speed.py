@@ -32,6 +32,7 @@ from tasa_deploy import UsageError
 ANCHOR = "q8_0"
 PRESET_FOR_BITS = (("q2_k", 3.0), ("q3_k_s", 3.6), ("q3_k_m", 4.0), ("q3_k_l", 4.3), ("q4_k_s", 4.7),
                    ("q4_k_m", 5.0), ("q5_k_m", 5.8), ("q6_k", 6.7), ("q8_0", 99.0))  # by the bpw they reach
+PRESETS = tuple(name for name, _ in PRESET_FOR_BITS)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class TypeCosts:
     delta_s_per_weight: Mapping[str, float]  # c_T - c_q8 (0 for q8_0)
     anchor_s: float  # seconds per token of the all-q8_0 file
     tok_s: Mapping[str, float]  # measured decode tok/s of each single-type file
-    key: Mapping[str, str]  # machine, llama.cpp build, model fingerprint, threads
+    key: Mapping[str, str]  # machine, llama.cpp build, model fingerprint, threads, preset, types (the cache key)
 
     def delta(self, type_name: str, n_weights: int) -> float:
         if type_name not in self.delta_s_per_weight:
@@ -117,31 +118,26 @@ def measure(loaded, fingerprint: str, types: list[str], preset: str, *, threads:
 
 
 def _single_type_gguf(loaded, type_name: str, tmp: Path) -> tuple[Path, int]:
-    """A GGUF of the model with every linear that fits `type_name` stored as it (RTN), others as q8_0;
-    returns (path, weights stored as type_name)."""
-    from tasa_deploy.artifacts import BitPlan, ModulePlan
-    from tasa_deploy.exporters.gguf import export_gguf
+    """A GGUF of the model with every linear that fits `type_name` stored as it (RTN), others as q8_0, written
+    straight from the tensors (`exporters.gguf.gguf_tensors`, no artifact round trip); returns (path, weights
+    stored as type_name)."""
+    from tasa_deploy.exporters.gguf import gguf_tensors, write_gguf
     from tasa_deploy.model import quantizable_modules
     from tasa_deploy.pipeline import unquantized_tensors
     from tasa_deploy.quant.ggml_types import fits_row
     from tasa_deploy.quant.rtn import quantize_rtn
     from tasa_deploy.quant.spec import QuantSpec
-    from tasa_deploy.quantized_dir import save_artifact
+    from tasa_deploy.schema import read_json
 
-    modules, plan, stored = {}, {}, 0
+    modules, stored = {}, 0
     for name, linear in quantizable_modules(loaded.model).items():
         chosen = type_name if fits_row(type_name, linear.in_features) else ANCHOR
         stored += linear.weight.numel() if chosen == type_name else 0
         modules[name] = quantize_rtn(linear.weight.detach().float(), QuantSpec.for_ggml(chosen))
-        plan[name] = ModulePlan(QuantSpec.for_ggml(chosen), "rtn")
-    artifact = save_artifact(tmp / type_name, base_model_dir=loaded.model_dir,
-                             plan=BitPlan("speed", "gguf", plan), modules=modules,
-                             tensors=unquantized_tensors(loaded.model, modules), force=True)
+    config = read_json(Path(loaded.model_dir) / "config.json", "model config", allow_nonfinite=True)
+    tensors, _, _ = gguf_tensors(config, modules, unquantized_tensors(loaded.model, modules))
     path = tmp / f"{type_name}.gguf"
-    export_gguf(artifact, path, force=True)
-    import shutil
-
-    shutil.rmtree(artifact)
+    write_gguf(path, config, loaded.model_dir, tensors, force=True)
     return path, stored
 
 
@@ -149,9 +145,6 @@ def _decode_tok_s(path: Path, threads: int, reps: int, n_gen: int) -> float:
     from tasa_deploy.exporters.llamacpp import llama_bench
 
     return llama_bench(path, n_prompt=16, n_gen=n_gen, threads=threads, reps=reps).decode_tok_s
-
-
-PRESETS = tuple(name for name, _ in PRESET_FOR_BITS)
 
 
 def reference_preset(average_bits: float) -> str:
