@@ -7,10 +7,11 @@ this script closes the loop with the runtime that serves it. It uses the communi
 since this project's machines have no GPU.
 
 vLLM reads `pack-quantized` schemes as CompressedTensorsWNA16 for 2..8 bits, but its CPU backend has a
-kernel for 4-bit only (CPUWNA16LinearKernel: uint4b8). For the other widths this script adds a plain PyTorch
-kernel to vLLM's CPU mixed-precision kernel list: it unpacks the dense little-endian bitstream at load time
-(w = (q - 2^(b-1)) * s, the compressed-tensors symmetric grid) and runs F.linear. 4-bit layers keep vLLM's
-own kernel. The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the registration applies.
+kernel for 4-bit only (CPUWNA16LinearKernel: uint4b8). For the other widths our vLLM plugin
+(`tasa_deploy.kernels.vllm_plugin`, installed into the vLLM venv by vllm_cpu_env.sh) adds
+`TasaCpuDenseLinearKernel` to vLLM's CPU kernel list: it dequantizes the dense little-endian bitstream at load
+time (w = (q - 2^(b-1)) * s, the compressed-tensors symmetric grid) and runs F.linear. 4-bit layers keep
+vLLM's own kernel.
 
 Usage (main env; the vLLM part re-runs this file inside the vLLM venv):
   python benchmarks/vllm_cpu_check.py --demo                   # SmolLM2-135M, mixed 3/4/8-bit RTN artifact
@@ -36,59 +37,6 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Question: Tom has 3
 
 
 # ----------------------------------------------------------------------------------------- vLLM side
-def unpack_dense_bitstream(packed, bits: int, k: int):
-    """int32 [N, ceil(K*b/32)] -> unsigned codes int64 [N, K]; element i sits at bits [i*b, (i+1)*b)."""
-    import torch
-
-    words = packed.to(torch.int64) & 0xFFFFFFFF  # [N, W] as unsigned
-    words = torch.nn.functional.pad(words, (0, 1))  # a zero word so element straddles can read word + 1
-    start = torch.arange(k, dtype=torch.int64) * bits  # [K]
-    index, shift = start // 32, start % 32
-    low = words[:, index] >> shift  # [N, K]
-    high = words[:, index + 1] << (32 - shift)  # [N, K]; only matters when shift + bits > 32
-    return (low | high) & ((1 << bits) - 1)
-
-
-def make_torch_wna16_kernel():
-    """A vLLM MPLinearKernel for symmetric int weights of any width, in plain PyTorch."""
-    import torch
-    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearKernel
-    from vllm.platforms import current_platform
-
-    class TorchWNA16LinearKernel(MPLinearKernel):
-        @classmethod
-        def get_min_capability(cls) -> int:
-            return -1
-
-        @classmethod
-        def can_implement(cls, c) -> tuple[bool, str | None]:
-            if not current_platform.is_cpu() or c.zero_points:
-                return False, "TorchWNA16 serves symmetric weights on CPU only"
-            return True, None
-
-        def process_weights_after_loading(self, layer) -> None:
-            packed, scales = getattr(layer, self.w_q_name), getattr(layer, self.w_s_name)  # [N, W], [N, G]
-            bits, bias = self.config.weight_type.size_bits, self.config.weight_type.bias
-            k = self.config.partition_weight_shape[0]
-            codes = unpack_dense_bitstream(packed.data, bits, k)  # [N, K]
-            group = k // scales.shape[1]
-            scale_per_column = scales.data.float().repeat_interleave(group, dim=1)  # [N, K]
-            weight = ((codes - bias).float() * scale_per_column).to(self.config.act_type)
-            self._transform_param(layer, self.w_q_name, lambda _: weight)
-
-        def apply_weights(self, layer, x, bias=None):
-            return torch.nn.functional.linear(x, getattr(layer, self.w_q_name), bias)
-
-    return TorchWNA16LinearKernel
-
-
-def register_torch_kernel() -> None:
-    from vllm.model_executor.kernels import linear as linear_kernels
-    from vllm.platforms import PlatformEnum
-
-    linear_kernels._POSSIBLE_KERNELS[PlatformEnum.CPU].append(make_torch_wna16_kernel())
-
-
 def run_vllm(checkpoint: str, requests_path: str, out_path: str) -> None:
     """Inside the vLLM venv: greedy-generate from the given token ids, record tokens and logprobs."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -100,7 +48,9 @@ def run_vllm(checkpoint: str, requests_path: str, out_path: str) -> None:
     import vllm
     from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16
 
-    register_torch_kernel()
+    from tasa_deploy.kernels.vllm_plugin import register
+
+    register()  # vLLM also loads it as a general plugin (entry point); registering twice is a no-op
     llm = vllm.LLM(model=checkpoint, dtype=requests["dtype"], max_model_len=512, enforce_eager=True,
                    seed=0, max_num_seqs=4, skip_tokenizer_init=True)
     loaded = time.perf_counter()

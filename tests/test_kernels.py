@@ -292,3 +292,38 @@ def test_gpu_llama_shape(bits, m, dtype):
     x = torch.randn(m, 4096).to(dtype)
     y = mixed_gemm.mixed_gemm(x.cuda(), packed.cuda(), scales.cuda(), bits, 128)
     assert_matches_reference(y.cpu(), reference.mixed_gemm_reference(x, packed, scales, bits, 128))
+
+
+def test_vllm_cpu_kernel_dense_weight_is_the_dequantize_reference():
+    """The CPU kernel's load-time transform equals reference.dequantize_packed, rounded to the activation dtype;
+    per-channel (group_size -1) reads one scale per row."""
+    for bits, group in ((3, 32), (8, 64), (4, -1)):
+        k = 128
+        _, packed, scales = random_layer(48, k, bits, k if group == -1 else group)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = vllm_plugin.dense_weight(packed, scales, bits, group, k, dtype)
+            want = reference.dequantize_packed(packed, scales, bits, k if group == -1 else group, k).to(dtype)
+            assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_vllm_cpu_kernel_accepts_float32_activations():
+    """vLLM's CPU backend may run float32; the GPU kernel refuses it, the CPU kernel serves it."""
+    args = (3, 4, False, False, torch.float32, 128, 4096)
+    assert "float16" in vllm_plugin.layer_support(*args)
+    assert vllm_plugin.layer_support(*args, vllm_plugin.CPU_ACTIVATION_DTYPES) is None
+
+
+def test_vllm_registry_gets_each_kernel_on_its_platforms_once():
+    class Platform:  # stands for vLLM's PlatformEnum members: only .name is read
+        def __init__(self, name):
+            self.name = name
+
+    cuda, cpu = Platform("CUDA"), Platform("CPU")
+    registry = {cuda: [], cpu: []}
+    gpu_kernel = type(vllm_plugin.KERNEL_NAME, (), {})
+    cpu_kernel = type(vllm_plugin.CPU_KERNEL_NAME, (), {})
+    assert vllm_plugin._append_kernel(registry, gpu_kernel)
+    assert vllm_plugin._append_kernel(registry, cpu_kernel, ("CPU",))
+    assert not vllm_plugin._append_kernel(registry, cpu_kernel, ("CPU",))
+    assert registry == {cuda: [gpu_kernel], cpu: [cpu_kernel]}
+    assert vllm_plugin._registered_kernel(registry, vllm_plugin.CPU_KERNEL_NAME) is cpu_kernel

@@ -97,3 +97,32 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path, llama_server):
     for path in (tmp_path / "x.txt", tmp_path):
         with pytest.raises(UsageError):
             start_server(path)
+
+
+def test_vllm_route_refuses_clearly_without_its_environment(tmp_path, monkeypatch):
+    """A compressed-tensors export goes to vLLM; without a vLLM environment that is a one-line usage error naming
+    the script that builds one, and a runtime that cannot read the input is refused before anything starts."""
+    from tasa_deploy.serve import is_vllm_export, start_server
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert is_vllm_export(export) and not is_vllm_export(plain)
+    monkeypatch.setenv("TASA_VLLM_PYTHON", str(tmp_path / "no-venv" / "bin" / "python"))
+    with pytest.raises(UsageError, match="vllm_cpu_env.sh"):
+        start_server(export)
+    with pytest.raises(UsageError, match="runtime vllm"):
+        start_server(export, runtime="llamacpp")
+    with pytest.raises(UsageError, match="unknown runtime"):
+        start_server(export, runtime="tgi")
+    with pytest.raises(UsageError, match="neither"):
+        start_server(plain)
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(UsageError, match="runtime llamacpp"):
+        start_server(gguf, runtime="vllm")
+    result = CliRunner().invoke(app, ["serve", str(export), "--runtime", "vllm"])
+    assert result.exit_code == 2 and "vllm_cpu_env.sh" in result.output

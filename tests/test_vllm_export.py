@@ -280,7 +280,7 @@ def test_vllm_cpu_serves_the_export_like_transformers(exported, tmp_path):
     subprocess.run([str(VLLM_PYTHON), str(CHECK_SCRIPT), "--vllm-worker", str(out_dir), str(requests),
                     str(tmp_path / "vllm.json")], check=True, capture_output=True, timeout=600)
     served = json.loads((tmp_path / "vllm.json").read_text())
-    assert "TorchWNA16LinearKernel" in served["kernels"]
+    assert "TasaCpuDenseLinearKernel" in served["kernels"]
     for ref, got in zip(reference, served["results"]):
         assert got["tokens"] == ref["tokens"]
         np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-3, rtol=0)
