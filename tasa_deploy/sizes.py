@@ -75,10 +75,29 @@ class FileLayout:
         return budget
 
 
+_MEMO: dict[tuple, object] = {}  # one meta model and tokenizer parse per (model, format) and process
+
+
+def _memo(key: tuple, build):
+    """`build()` once per key: a --size run asks for the layout at its size check, its plan and its summary."""
+    if key not in _MEMO:
+        if len(_MEMO) >= 16:
+            _MEMO.clear()
+        _MEMO[key] = build()
+    return _MEMO[key]
+
+
 def file_layout(model_dir: Path, config, fmt: str) -> FileLayout:
     """The fixed parts of the `fmt` export of the model in `model_dir` (config: its HF config)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown file format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    tokenizer = Path(model_dir) / "tokenizer.json"
+    stamp = tokenizer.stat().st_mtime_ns if tokenizer.is_file() else None
+    return _memo(("layout", str(Path(model_dir).resolve()), stamp, fmt, config.to_json_string()),
+                 lambda: _file_layout(Path(model_dir), config, fmt))
+
+
+def _file_layout(model_dir: Path, config, fmt: str) -> FileLayout:
     params, linears = meta_parameters(config)
     dense = {name: shape for name, shape in params.items() if name.removesuffix(".weight") not in linears}
     if getattr(config, "tie_word_embeddings", False):
@@ -101,7 +120,11 @@ def file_layout(model_dir: Path, config, fmt: str) -> FileLayout:
 
 def meta_parameters(config) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
     """({parameter name: shape}, {quantizable linear: (N, K)}) of the model `config` describes, built on the meta
-    device (no memory)."""
+    device (no memory), once per config. Read-only: the dicts are shared between callers."""
+    return _memo(("meta", config.to_json_string()), lambda: _meta_parameters(config))
+
+
+def _meta_parameters(config) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
     import torch
     from transformers import AutoModelForCausalLM
 
