@@ -12,7 +12,7 @@ Defaults follow llama-server's own, sized for a small box: context 4096 shared b
 machine's CPU count for threads.
 
 A `tasa-deploy export --format vllm` directory (or an artifact with `runtime="vllm"`, exported first) is served
-by `vllm serve` run by the python of a separate vLLM environment: `$TASA_VLLM_PYTHON`, else the one
+by vLLM's OpenAI server (what `vllm serve` runs) run by the python of a separate vLLM environment: `$TASA_VLLM_PYTHON`, else the one
 `benchmarks/vllm_cpu_env.sh` builds. vLLM pins its own torch and transformers, so it never shares this
 package's environment; that environment has tasa-deploy installed without dependencies, whose
 `vllm.general_plugins` entry point (`tasa_deploy.kernels.vllm_plugin`) gives vLLM a kernel for the 3- and
@@ -139,9 +139,11 @@ def vllm_python() -> Path:
 
 def vllm_server_command(model_dir: Path, *, python: Path, port: int, ctx: int = 4096, parallel: int = 4,
                         dtype: str = "bfloat16") -> list[str]:
-    return [str(python), "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir), "--host", "127.0.0.1",
-            "--port", str(port), "--max-model-len", str(ctx), "--max-num-seqs", str(parallel), "--dtype", dtype,
-            "--served-model-name", Path(model_dir).name, "--disable-log-requests"]
+    # vLLM's OpenAI server module, which `vllm serve` wraps: the `vllm` CLI looks up its own distribution by the
+    # name "vllm" and fails in builds published under another name (vllm-cpu)
+    return [str(python), "-W", "ignore::DeprecationWarning", "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(ctx),
+            "--max-num-seqs", str(parallel), "--dtype", dtype, "--served-model-name", Path(model_dir).name]
 
 
 def start_server(path: Path, *, port: int | None = None, ctx: int = 4096, parallel: int = 4,

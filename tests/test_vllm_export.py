@@ -284,3 +284,57 @@ def test_vllm_cpu_serves_the_export_like_transformers(exported, tmp_path):
     for ref, got in zip(reference, served["results"]):
         assert got["tokens"] == ref["tokens"]
         np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_env():
+    """The vLLM environment `tasa-deploy serve` uses, with our plugin installed (vllm_cpu_env.sh), or a skip."""
+    import subprocess
+
+    from tasa_deploy import UsageError
+    from tasa_deploy.serve import vllm_python
+
+    try:
+        python = vllm_python()
+    except UsageError:
+        pytest.skip("no vLLM environment; build it with: bash benchmarks/vllm_cpu_env.sh")
+    found = subprocess.run([str(python), "-c", "import vllm, tasa_deploy.kernels.vllm_plugin"], capture_output=True)
+    if found.returncode != 0:
+        pytest.skip("the vLLM environment lacks tasa-deploy's plugin; rerun: bash benchmarks/vllm_cpu_env.sh")
+    return python
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_server_serves_the_mixed_export(smollm2, vllm_env, tmp_path):
+    """`vllm serve` (through tasa_deploy.serve) on SmolLM2's mixed 3/4/8 export: every layer is served (vLLM's own
+    4-bit CPU kernel, our plugin's kernel for 3 and 8 bits, as its log says), and its greedy continuations of 6
+    GSM8K prompts (bf16) agree with transformers' fp32 on the same export for the first 8 tokens in at least 4
+    of 6; GSM8K exact match through the server agrees with PyTorch's within two standard errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasa_deploy.bench import complete, load_test, run_tasks
+    from tasa_deploy.eval.generate import generate_greedy, prompt_ids
+    from tasa_deploy.eval.gsm8k import evaluate_gsm8k, gsm8k_job
+    from tasa_deploy.serve import start_server
+
+    loaded = smollm2
+    artifact_dir = make_artifact(loaded.model, Path(loaded.model_dir), tmp_path / "art", smollm2_mixed_spec)
+    export_vllm(artifact_dir, tmp_path / "vllm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "vllm")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "vllm", dtype=torch.float32).eval()
+    job = gsm8k_job(tokenizer, limit=6)
+    local_text = generate_greedy(model, tokenizer, list(job.prompts), 8, chat=job.chat)
+    with start_server(tmp_path / "vllm", parallel=4, ctx=2048) as server:
+        assert server.runtime == "vllm"
+        served = [complete(server.url, prompt_ids(tokenizer, p, job.chat), 8).text for p in job.prompts]
+        remote = run_tasks(server.url, tokenizer, ("gsm8k",), limit=6, parallel=4)["gsm8k"]
+        load = load_test(server.url, list(range(100, 132)), clients=2, requests=2, output_tokens=4)
+        peak = server.peak_rss_mib()
+        log = server.log_path.read_text(errors="replace")
+    assert "TasaCpuDenseLinearKernel" in log, log[-2000:]
+    same = sum(a.strip() == b.strip() for a, b in zip(local_text, served))
+    assert same >= 4, list(zip(local_text, served))
+    local = evaluate_gsm8k(model, tokenizer, limit=6)
+    assert abs(remote["exact_match"] - local.exact_match) <= 2 * max(remote["exact_match_se"], local.exact_match_se, 1 / 6)
+    assert load["mean_output_tokens"] == 4 and peak > 100
