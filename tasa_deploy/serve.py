@@ -15,8 +15,8 @@ A `tasa-deploy export --format vllm` directory (or an artifact with `runtime="vl
 by vLLM's OpenAI server (what `vllm serve` runs), run by the python of a separate vLLM environment:
 `$TASA_VLLM_PYTHON`, else the one `benchmarks/vllm_cpu_env.sh` builds. vLLM pins its own torch and
 transformers, so it never shares this package's environment; that environment has tasa-deploy installed without
-dependencies, whose `vllm.general_plugins` entry point (`tasa_deploy.kernels.vllm_plugin`) gives vLLM a kernel for the 3- and
-8-bit layers its own WNA16 kernels lack. Both runtimes answer `/health` and the same OpenAI routes.
+dependencies, whose `vllm.general_plugins` entry point (`tasa_deploy.kernels.vllm_plugin`) gives vLLM a kernel
+for the 3- and 8-bit layers its own WNA16 kernels lack. Both runtimes answer `/health` and the same OpenAI routes.
 """
 
 from __future__ import annotations
