@@ -9,8 +9,11 @@ answer tokens (eval rows, `eval.kld`; lower is better) and WikiText-2 perplexity
 measured best alpha is the one with the lowest task KL; alphas within two standard errors of it tie with it.
 The search's alpha* is "validated" when it is the best or ties with it.
 
-Every artifact is cached under $TASA_CACHE/bench/alpha_sweep (a rerun resumes).
+Every artifact is cached under $TASA_CACHE/bench/alpha_sweep (a rerun resumes). `--mix DIR/mix.json` reuses the
+scores of a mixture search `quantize` already ran, after checking it was made on this model with the same data
+and settings (its alpha grid must cover the sweep's).
 Usage: python benchmarks/alpha_sweep.py [--model smollm2-135m] [--tasks gsm8k,arc] [--bits 3] [--limit 200]
+       [--mix WORK/mix.json]
 """
 
 from __future__ import annotations
@@ -64,6 +67,28 @@ def measure(artifact: Path, base, tasks: tuple[str, ...], limit: int, windows: i
             "wikitext_ppl": ppl.ppl}
 
 
+def reuse_mix(path: Path, base, request, draws: int):
+    """A saved `mix.json` of this model, data and settings (else a UsageError naming what differs)."""
+    from tasa_deploy import UsageError
+    from tasa_deploy.artifacts import CalibrationMix
+    from tasa_deploy.model import model_fingerprint
+
+    mix = CalibrationMix.load(path)
+    wanted = {"model_fingerprint": model_fingerprint(base.model), "general": request.general,
+              "tasks": tuple(request.task_sources), "n_samples": request.mix_samples,
+              "seq_len": request.probe_seq_len * 2, "seed": request.seed, "draws": draws,
+              "alphas": tuple(ALPHAS)}
+    found = {"model_fingerprint": mix.model_fingerprint, "general": mix.general, "tasks": mix.tasks,
+             "n_samples": mix.settings.get("n_samples"), "seq_len": mix.settings.get("seq_len"),
+             "seed": mix.settings.get("seed"), "draws": len((mix.settings.get("draws") or {}).get("per_draw") or [0]),
+             "alphas": tuple(s.alpha for s in mix.scores)}
+    differs = [k for k in wanted if wanted[k] != found[k]]
+    if differs:
+        raise UsageError(f"{path} does not match this sweep: "
+                         + ", ".join(f"{k} {found[k]!r} != {wanted[k]!r}" for k in differs))
+    return mix
+
+
 def verdict(rows: list[dict], alpha_star: float) -> dict:
     best = min(rows, key=lambda r: r["task_kl"])
     ties = [r["alpha"] for r in rows
@@ -103,14 +128,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mix-draws", type=int, default=1, help="data draws of the mixture search (spread kept)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512, help="calibration row length")
+    parser.add_argument("--mix", type=Path, default=None, help="reuse this mix.json (same model, data, settings)")
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     request = QuantizeRequest(model=args.model, tasks=tasks)  # the mix settings `quantize` uses
     base = load_model(args.model)
-    mix = search_mixture(base.model, base.tokenizer, general=request.general, tasks=request.task_sources,
-                         alphas=ALPHAS, n_samples=request.mix_samples, seq_len=request.probe_seq_len * 2,
-                         seed=request.seed, draws=args.mix_draws)
+    if args.mix is not None:
+        mix = reuse_mix(args.mix, base, request, args.mix_draws)
+    else:
+        mix = search_mixture(base.model, base.tokenizer, general=request.general, tasks=request.task_sources,
+                             alphas=ALPHAS, n_samples=request.mix_samples, seq_len=request.probe_seq_len * 2,
+                             seed=request.seed, draws=args.mix_draws)
     root = Path(os.environ.get("TASA_BENCH_CACHE", cache_root() / "bench" / "alpha_sweep")) / Path(args.model).name
     rows = []
     for score in mix.scores:
