@@ -14,7 +14,8 @@ from pathlib import Path
 from tasa_deploy.artifacts import atomic_path, write_json_atomic
 
 COLUMNS = ("name", "bpw", "wikitext_ppl", "wikitext_ppl_llamacpp", "gsm8k", "gsm8k_ll", "arc_easy", "arc_challenge",
-           "hellaswag", "piqa", "task_score", "wall_seconds")
+           "hellaswag", "piqa", "task_score", "wikitext_kld", "gsm8k_kld", "arc_easy_kld", "arc_challenge_kld",
+           "wall_seconds")  # *_kld: KL from the unquantized model (benchmarks/kl_cells.py)
 
 
 ACCURACY_ITEMS = {"gsm8k": "gsm8k_items", "arc_easy": "mc_items", "arc_challenge": "mc_items",
@@ -66,7 +67,11 @@ def caption(report: dict) -> str:
         "API for scoring generations: no llama-server, no llama-cpp-python). "
         "task_score = mean of gsm8k, arc_easy, arc_challenge, hellaswag, piqa. ± is one binomial standard error, "
         "sqrt(p(1-p)/n) over the n items (0 when p is 0 or 1: read those as \"no item right/wrong of n\"); task_score's "
-        "is sqrt(sum of the five squared SEs) / 5. Differences under about 2 SE are ties.")
+        "is sqrt(sum of the five squared SEs) / 5. Differences under about 2 SE are ties. *_kld: mean KL "
+        "divergence from the unquantized model ± its SE (benchmarks/kl_cells.py): wikitext under llama.cpp's "
+        "protocol (GGUF rows by llama-perplexity --kl-divergence against the base's F16 GGUF), gsm8k / arc_* on "
+        "the answer or choice tokens of the eval rows (GGUF rows on their dequantized weights); n/a in rows "
+        "evaluated before the KL columns existed.")
 
 
 def format_cell(value) -> str:
@@ -81,7 +86,8 @@ def cell(row: dict, column: str) -> str:
     """A value, with ± its standard error where the row has one."""
     se = row.get(f"{column}_se")
     if se is not None and row.get(column) is not None:
-        return f"{row[column]:.3f} ± {se:.3f}"
+        digits = 4 if column.endswith("_kld") else 3
+        return f"{row[column]:.{digits}f} ± {se:.{digits}f}"
     return format_cell(row.get(column))
 
 

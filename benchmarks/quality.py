@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import machine, run_main  # noqa: E402
+from kl_cells import kl_cells  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
 from tasa_deploy.artifacts import read_json, write_json_atomic  # noqa: E402
 from tasa_deploy.model import cache_root  # noqa: E402
@@ -354,14 +355,26 @@ def build_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[
     return build_our_row(name, model, quant, root)
 
 
+def kl_columns(target: Path | None, model: str, root: Path, text_file: Path, settings: EvalSettings) -> dict:
+    """KL from the unquantized model on WikiText-2 and on the protected tasks' eval rows (`kl_cells`)."""
+    tasks = {"gsm8k": ("gsm8k", "eval", settings.gsm8k_ll_items), "arc_easy": ("arc_easy", "eval", settings.mc_items),
+             "arc_challenge": ("arc_challenge", "eval", settings.mc_items)}
+    base = base_gguf(model, root) if target is not None and target.suffix == ".gguf" else None
+    return kl_cells(target, model, base, text_file, settings.wikitext_windows, tasks)
+
+
 def run_row(name: str, model: str, quant: QuantSettings, settings: EvalSettings, root: Path, text_file: Path) -> dict:
-    """Build + evaluate one row, resuming from its cached result."""
+    """Build + evaluate one row, resuming from its cached result (rows cached before the KL columns gain them)."""
     from tasa_deploy.model import load_any
 
     cache = root / "results" / f"{quant.tasa_name(name)}-{settings.key()}.json"
     if cache.is_file():
         print(f"[{name}] cached: {cache}", file=sys.stderr)
-        return read_json(cache, "cached benchmark row")
+        row = read_json(cache, "cached benchmark row")
+        if "wikitext_kld" not in row:
+            row |= kl_columns(build_row(name, model, quant, root)[0], model, root, text_file, settings)
+            write_json_atomic(cache, row, foreign_ok=True)
+        return row
     start = time.perf_counter()
     target, info = build_row(name, model, quant, root)
     eval_start = time.perf_counter()
@@ -369,6 +382,7 @@ def run_row(name: str, model: str, quant: QuantSettings, settings: EvalSettings,
         cells = evaluate_gguf(target, settings, text_file)
     else:
         cells = evaluate_torch(load_any(str(target) if target else model), settings)
+    cells |= kl_columns(target, model, root, text_file, settings)
     row = {"name": name, "bpw": info.pop("bpw"), **cells, "task_score": task_score(cells),
            "eval_seconds": round(time.perf_counter() - eval_start, 1),
            "wall_seconds": round(time.perf_counter() - start, 1), **info}

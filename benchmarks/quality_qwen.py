@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
 from bench_common import machine, run_main  # noqa: E402
+from kl_cells import kl_cells  # noqa: E402
 from plot_quality import format_cell  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
 from tasa_deploy.outputs import atomic_path, write_json_atomic  # noqa: E402
@@ -84,34 +85,12 @@ def evaluate_served(gguf: Path, tokenizer, settings: CodeEvalSettings) -> dict:
             "generation_seconds": code["seconds"] + gsm8k["seconds"]}
 
 
-def kl_cells(name: str, target: Path | None, model: str, root: Path, text_file: Path,
-             settings: CodeEvalSettings) -> dict:
-    """KL divergence from the unquantized model (`eval.kld`, with SEs): on WikiText-2 under llama.cpp's protocol
-    (GGUF rows: by llama-perplexity --kl-divergence against the F16 base GGUF) and on the answer tokens of
-    the HumanEval and GSM8K eval rows (PyTorch, GGUF rows on their dequantized weights)."""
-    from tasa_deploy.data import load_rows
-    from tasa_deploy.eval.kld import kl_on_rows, kl_on_text
-    from tasa_deploy.exporters.llamacpp import llama_kl_divergence
-    from tasa_deploy.model import load_any, load_model
-
-    if target is None:  # the reference itself
-        return {f"{c}_kld": 0.0 for c in ("wikitext", *KL_TASKS)} | {f"{c}_kld_se": 0.0 for c in ("wikitext", *KL_TASKS)}
-    fp = load_model(model)
-    is_gguf = target.suffix == ".gguf"
-    loaded = load_model(str(target)) if is_gguf else load_any(str(target))
-    windows = settings.wikitext_windows or 10**6
-    if is_gguf:
-        kl = llama_kl_divergence(target, quality.base_gguf(model, root), text_file, ctx=512, chunks=windows)
-        cells = {"wikitext_kld": kl["kld"], "wikitext_kld_se": kl["kld_se"], "wikitext_kld_by": "llama-perplexity"}
-    else:
-        kl = kl_on_text(loaded.model, fp.model, fp.tokenizer, text_file.read_text(encoding="utf-8"), 512, windows,
-                        protocol="llamacpp")
-        cells = {"wikitext_kld": kl.kld, "wikitext_kld_se": kl.kld_se, "wikitext_kld_by": "pytorch"}
-    for column, (source, role) in KL_TASKS.items():
-        limit = settings.humaneval_items if column == "humaneval" else settings.gsm8k_items
-        kl = kl_on_rows(loaded.model, fp.model, fp.tokenizer, load_rows(source, role, limit))
-        cells |= {f"{column}_kld": kl.kld, f"{column}_kld_se": kl.kld_se, f"{column}_kld_n": kl.n}
-    return cells
+def kl_columns(target: Path | None, model: str, root: Path, text_file: Path, settings: CodeEvalSettings) -> dict:
+    """KL from the unquantized model on WikiText-2 and on the HumanEval and GSM8K eval rows (`kl_cells`)."""
+    limits = {"humaneval": settings.humaneval_items, "gsm8k": settings.gsm8k_items}
+    base = quality.base_gguf(model, root) if target is not None and target.suffix == ".gguf" else None
+    return kl_cells(target, model, base, text_file, settings.wikitext_windows,
+                    {column: (*KL_TASKS[column], limits[column]) for column in KL_TASKS})
 
 
 def our_file_bytes(artifact: Path, root: Path) -> int:
@@ -134,7 +113,7 @@ def run_row(name: str, model: str, quant, settings: CodeEvalSettings, root: Path
         row = read_json(cache, "cached benchmark row")
         if "wikitext_kld" not in row:  # rows cached before the KL columns: add them (no regeneration)
             target = None if name == "fp" else quality.build_row(name, model, quant, root)[0]
-            row |= kl_cells(name, target, model, root, text_file, settings)
+            row |= kl_columns(target, model, root, text_file, settings)
             write_json_atomic(cache, row, foreign_ok=True)
         return row
     start = time.perf_counter()
@@ -154,7 +133,7 @@ def run_row(name: str, model: str, quant, settings: CodeEvalSettings, root: Path
             max_windows=settings.wikitext_windows, protocol="llamacpp").ppl
     if target is not None and not is_gguf and not name.startswith("tasa-gguf"):
         info["file_bytes"] = our_file_bytes(target, root)
-    cells |= kl_cells(name, target, model, root, text_file, settings)
+    cells |= kl_columns(target, model, root, text_file, settings)
     row = {"name": name, "bpw": info.pop("bpw"), **cells, "wall_seconds": round(time.perf_counter() - start, 1),
            **info}
     write_json_atomic(cache, row, foreign_ok=True)
