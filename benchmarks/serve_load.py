@@ -85,9 +85,14 @@ def main() -> None:
         if torch_gsm8k:
             lines.append(f"| PyTorch, {args.artifact.name} | {torch_gsm8k['exact_match']:.3f} ± "
                          f"{torch_gsm8k['exact_match_se']:.3f} (n={torch_gsm8k['n']}) |")
-    lines += ["", f"{' / '.join(sorted({r['runtime'] for r in rows}))}, 8 slots, 2 threads; 128-token prompt, 64 output tokens, {args.requests} requests per "
-              f"client count; {report['date']}. Command: python benchmarks/serve_load.py {' '.join(args.files)} "
-              f"--tokenizer {args.tokenizer}" + (f" --gsm8k {args.gsm8k}" if args.gsm8k else "")]
+    setup = {"llamacpp": "llama-server: 8 slots, 2 threads",
+             "vllm": "vLLM (CPU backend): --max-num-seqs 8, 1 core computing and 1 reserved for its front end (its "
+                     "default binding on 2 cores), 2 GiB KV cache; server peak = VmHWM summed over its processes"}
+    options = [f"--tokenizer {args.tokenizer}", f"--gsm8k {args.gsm8k}" if args.gsm8k else "",
+               f"--artifact {args.artifact}" if args.artifact else "", f"--name {args.name}" if args.name else ""]
+    lines += ["", f"{'; '.join(setup[r] for r in sorted({r['runtime'] for r in rows}))}; 128-token prompt, 64 "
+              f"output tokens, {args.requests} requests per client count; {report['date']}. Command: python "
+              f"benchmarks/serve_load.py {' '.join(args.files)} " + " ".join(o for o in options if o)]
     write_report(args.out, args.name or f"serve_{args.model_name}", report, lines)
 
 
