@@ -12,8 +12,10 @@ import typer
 from typer.core import TyperGroup
 
 from tasa_deploy import TasaError, UsageError
-from tasa_deploy.cli_common import console, out_console, table as _table
-from tasa_deploy.outputs import check_output, write_json_atomic
+from tasa_deploy.cli_common import (DeviceOption, DtypeOption, ObjectiveLossOption, TaskDataOption,
+                                    WorkersOption, console, csv as _csv, out_console, table as _table)
+from tasa_deploy.cli_eval import evaluate
+from tasa_deploy.outputs import check_output
 
 STATE = {"debug": False}
 
@@ -62,27 +64,6 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
     STATE["debug"] = debug
-
-
-TaskDataOption = Annotated[Optional[list[str]], typer.Option(
-    "--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); "
-                        "repeatable; then name it in --tasks.")]
-DeviceOption = Annotated[Optional[str], typer.Option(
-    "--device", help="cpu | cuda | cuda:N (default: cuda when available). Weights stay on the host; one decoder "
-                     "block at a time is moved to the device.")]
-DtypeOption = Annotated[Optional[str], typer.Option(
-    "--dtype", help="Weight dtype: bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on the CPU). Hessians, Grams "
-                    "and losses accumulate in fp32/fp64 either way.")]
-WorkersOption = Annotated[Optional[str], typer.Option(
-    "--workers", help="Run the profile's per-block experiments on Ray: N local workers, or a Ray address "
-                      "(ray://host:10001, auto). Same results as the serial run.")]
-ObjectiveLossOption = Annotated[str, typer.Option(
-    "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
-                             "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _ints(value: str) -> tuple[int, ...]:
@@ -345,65 +326,7 @@ def plan(
 
 
 # ------------------------------------------------------------------------------------------------ eval / export / inspect
-@app.command("eval")
-def evaluate(
-    model: Annotated[str, typer.Option(help="Model (as for quantize) or a quantized artifact directory.")] = "smollm2-135m",
-    tasks: Annotated[str, typer.Option(help="wikitext2, gsm8k, gsm8k_ll, arc_easy, arc_challenge, hellaswag, piqa, humaneval, mbpp, or a --task-data NAME")] = "wikitext2",
-    task_data: TaskDataOption = None,
-    limit: Annotated[Optional[int], typer.Option(help="Items per task (windows for wikitext2).")] = None,
-    backend: Annotated[str, typer.Option(help="torch (dequantized weights) | triton (packed kernels, CUDA).")] = "torch",
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding wikitext-2-raw/ and gsm8k/ (default: ../shared/data).")] = None,
-    kld_base: Annotated[Optional[str], typer.Option("--kld-base", help="Reference model (e.g. the unquantized base): also report mean KL divergence and top-1 agreement against it on WikiText-2 and each task's answers.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write results as JSON.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a results file written by tasa-deploy.")] = False,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
-) -> None:
-    """Evaluate a model or a quantized artifact on perplexity and task accuracy."""
-    import os
-
-    from tasa_deploy.eval import EVALS
-    from tasa_deploy.model import load_any
-    from tasa_deploy.tasks import register_task_data
-
-    if data_dir is not None:
-        if not data_dir.is_dir():
-            raise UsageError(f"--data-dir {data_dir} does not exist; point it at a folder with wikitext-2-raw/ and gsm8k/")
-        os.environ["TASA_DATA_DIR"] = str(data_dir)
-
-    for spec in task_data or ():
-        register_task_data(spec)
-    unknown = [t for t in _csv(tasks) if t not in EVALS]
-    if unknown:
-        raise UsageError(f"unknown eval task '{unknown[0]}'; known: {', '.join(EVALS)}")
-    if backend not in ("torch", "triton"):
-        raise UsageError(f"--backend must be torch or triton, got {backend}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {limit}")
-    if out is not None:
-        check_output(out, force=force, inputs=(Path(model),))
-    from tasa_deploy.device import resolve_device, resolve_dtype
-
-    place = resolve_device(device)
-    weights = resolve_dtype(dtype, place)
-    loaded = load_any(model, backend=backend)
-    if backend == "torch":  # the triton backend places its kernels itself
-        loaded.model.to(device=place, dtype=weights)
-    results = {}
-    for task in _csv(tasks):
-        results[task] = EVALS[task](loaded.model, loaded.tokenizer, limit)
-    if kld_base is not None:
-        from tasa_deploy.eval import evaluate_kld
-
-        base = load_any(kld_base)
-        base.model.to(device=place, dtype=weights)
-        results.update(evaluate_kld(loaded, base, _csv(tasks), limit))
-    rows = [{"task": k, **{m: v for m, v in r.items() if isinstance(v, (int, float))}} for k, r in results.items()]
-    for columns in dict.fromkeys(tuple(row) for row in rows):  # one table per kind of result (ppl, accuracy, KL)
-        out_console.print(_table(f"eval: {model}", [row for row in rows if tuple(row) == columns]))
-    if out:
-        write_json_atomic(out, {"schema": "tasa-eval/1", "model": model, "results": results}, force=force,
-                          inputs=(Path(model),))
+app.command("eval")(evaluate)  # defined in cli_eval.py
 
 
 @app.command()

@@ -1,8 +1,11 @@
-"""What every CLI module shares: the two consoles (stderr for progress and errors, stdout for results) and the
-results table."""
+"""What every CLI module shares: the two consoles (stderr for progress and errors, stdout for results), the
+results table, and the option types more than one command takes."""
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -20,3 +23,25 @@ def table(title: str, rows: list[dict]) -> Table:
         result.add_row(*("" if key not in row else f"{row[key]:.4g}" if isinstance(row[key], float) else str(row[key])
                          for key in columns))
     return result
+
+
+def csv(value: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c')."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+TaskDataOption = Annotated[Optional[list[str]], typer.Option(
+    "--task-data", help="Your own task: NAME=FILE.jsonl (rows {prompt, answer[, tests]} or {prompt, choices, label}); "
+                        "repeatable; then name it in --tasks.")]
+DeviceOption = Annotated[Optional[str], typer.Option(
+    "--device", help="cpu | cuda | cuda:N (default: cuda when available). Weights stay on the host; one decoder "
+                     "block at a time is moved to the device.")]
+DtypeOption = Annotated[Optional[str], typer.Option(
+    "--dtype", help="Weight dtype: bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on the CPU). Hessians, Grams "
+                    "and losses accumulate in fp32/fp64 either way.")]
+WorkersOption = Annotated[Optional[str], typer.Option(
+    "--workers", help="Run the profile's per-block experiments on Ray: N local workers, or a Ray address "
+                      "(ray://host:10001, auto). Same results as the serial run.")]
+ObjectiveLossOption = Annotated[str, typer.Option(
+    "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
+                             "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]
