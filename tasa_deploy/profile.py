@@ -22,7 +22,7 @@ Method (TASA, arXiv 2607.00908, sensitivity analysis; RTN on purpose, as the pap
      extrapolated to other widths by the same error ratio. shrunk_k is `stats.shrink` of the objective's
      block deltas with their standard errors (a noisy block moves toward the objective's mean instead of
      being clipped; an all-noise objective becomes flat). tr(dW H dW^T) = sum(H * dW^T dW), so dW^T dW [K, K]
-     is formed once per (module, candidate) and shared by all objectives.
+     is formed once per (module, candidate) and shared by all objectives. Units and energies: `tasa_deploy.units`.
 Units: target "vllm" -> one unit per fused group (model.FUSED_GROUPS: qkv, o, gate_up, down), named
 f"{block_prefix}.{group}", candidates int{b}g{default_group_size(K)} for b in `candidate_bits`;
 target "gguf" -> one unit per module (full HF name), candidates = GGML types its row fits (bits.gguf_candidates).
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -53,29 +52,14 @@ from tasa_deploy.artifacts import PLAN_TARGETS, SensitivityProfile, UnitSensitiv
 from tasa_deploy.device import onloaded, place_shell
 from tasa_deploy.moments import SecondMoment
 from tasa_deploy.capture import BlockInputs, capture_block_inputs, linear_input_hooks, next_block_inputs
-from tasa_deploy.model import (BLOCK_LINEARS, FUSED_GROUPS, SHARED_INPUT, block_linears, block_prefix, cache_root,
-                               decoder_blocks, final_norm, model_fingerprint)
+from tasa_deploy.model import SHARED_INPUT, block_linears, cache_root, decoder_blocks, final_norm, model_fingerprint
 from tasa_deploy.objectives import (ProbeSet, RowLosses, get_objective, load_probe_set, output_logits_fn,
                                     reduce_probe, scored_loss_sums, scored_states)
 from tasa_deploy.quant.rtn import fake_quantize_rtn
-from tasa_deploy.quant.spec import QuantSpec, default_group_size
 from tasa_deploy.stats import SHRINKAGE_RULE, ratio_mean_se, shrink
+from tasa_deploy.units import UNIT_ERROR_PROXY, block_units, layer_unit_shares, probe_spec
 
 PARTIAL_SCHEMA = "tasa-profile-partial/2"
-UNIT_ERROR_PROXY = "shrunk(layer_delta) * E(u,c) / sum_u' E(u',probe); E = tr(dW H_k dW^T)"
-
-
-@dataclass(frozen=True)
-class UnitLayout:
-    """One allocation unit of one block: the modules that share a width and their candidate grids."""
-
-    name: str
-    layer: int
-    prefix: str  # the block's HF name, e.g. "model.layers.3"
-    modules: tuple[str, ...]  # names relative to the block, e.g. "self_attn.q_proj"
-    n_weights: int
-    in_features: int
-    candidates: tuple[str, ...]  # QuantSpec keys
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -110,42 +94,6 @@ def settings_hash(fingerprint: str, settings: dict, probes: dict[str, ProbeSet])
 def default_partial_path(hash_hex: str) -> Path:
     """Where the profile for one (model, data, settings) hash is cached: $TASA_CACHE/profiles/<hash>.json."""
     return cache_root() / "profiles" / f"{hash_hex[:24]}.json"
-
-
-# ----------------------------------------------------------------------------------------- units
-def probe_spec(in_features: int, probe_bits: int) -> QuantSpec:
-    return QuantSpec(probe_bits, default_group_size(in_features))
-
-
-def candidate_keys(in_features: int, settings: dict) -> tuple[str, ...]:
-    if settings["target"] == "vllm":
-        group = default_group_size(in_features)
-        return tuple(QuantSpec(b, group).key for b in settings["candidate_bits"])
-    from tasa_deploy.bits import gguf_candidates
-
-    keys = tuple(gguf_candidates(in_features, settings["gguf_types"]))
-    if not keys:
-        raise UsageError(f"no GGML type fits rows of {in_features} weights; allowed {settings['gguf_types']}")
-    return keys
-
-
-def block_units(model: nn.Module, layer: int, settings: dict) -> list[UnitLayout]:
-    """Allocation units of block `layer` for the settings' target (fused groups for vLLM, modules for GGUF)."""
-    linears = block_linears(decoder_blocks(model)[layer])
-    prefix = block_prefix(model, layer)
-    if settings["target"] == "vllm":
-        groups = [(f"{prefix}.{group}", members) for group, members in FUSED_GROUPS.items()]
-    else:
-        groups = [(f"{prefix}.{name}", (name,)) for name in BLOCK_LINEARS]
-    units = []
-    for unit_name, members in groups:
-        in_features = {linears[m].in_features for m in members}
-        if len(in_features) != 1:
-            raise UsageError(f"fused unit {unit_name} mixes input dims {sorted(in_features)}; cannot share a grid")
-        k = in_features.pop()
-        n_weights = sum(linears[m].weight.numel() for m in members)
-        units.append(UnitLayout(unit_name, layer, prefix, tuple(members), n_weights, k, candidate_keys(k, settings)))
-    return units
 
 
 # ----------------------------------------------------------------------------------------- forwards
@@ -224,48 +172,6 @@ def quantized_block_losses(model: nn.Module, layer: int, probe_bits: int, hidden
             return tail_losses(model, layer, hidden, batches, probes, references)[0]
         finally:
             _replace_weights(block, original)
-
-
-# ----------------------------------------------------------------------------------------- unit errors
-def output_error_energies(weight: torch.Tensor, specs: dict[str, QuantSpec],
-                          grams: dict[str, SecondMoment]) -> dict[str, dict[str, float]]:
-    """E[key][objective] = tr(dW H dW^T) for dW = W - RTN_spec(W) (weight [N, K]; H of each objective)."""
-    energies = {}
-    for key, spec in specs.items():
-        delta = weight.float() - fake_quantize_rtn(weight, spec).float()  # [N, K]
-        outer = delta.T @ delta if any(g.gram is not None for g in grams.values()) else None  # [K, K], shared
-        energies[key] = {obj: gram.energy(delta, outer) for obj, gram in grams.items()}
-    return energies
-
-
-def unit_energies(block: nn.Module, unit: UnitLayout, keys: Iterable[str],
-                  grams: dict[str, dict[str, SecondMoment]]) -> dict[str, dict[str, float]]:
-    """E_k(unit, key) summed over the unit's modules: key -> objective -> energy."""
-    linears = block_linears(block)
-    specs = {key: QuantSpec.from_key(key) for key in sorted(set(keys))}
-    summed = {key: dict.fromkeys(grams, 0.0) for key in specs}
-    for module in unit.modules:
-        by_objective = {obj: per[SHARED_INPUT.get(module, module)] for obj, per in grams.items()}
-        for key, per_obj in output_error_energies(linears[module].weight.data, specs, by_objective).items():
-            for obj, value in per_obj.items():
-                summed[key][obj] += value
-    return summed
-
-
-def layer_unit_shares(block: nn.Module, units: Sequence[UnitLayout], probe_bits: int,
-                      grams: dict[str, dict[str, SecondMoment]]) -> list[dict]:
-    """JSON-shaped unit rows of one block with `shares`: E_k(u, c) / sum_u' E_k(u', probe spec), the part of
-    the block's measured delta each (unit, candidate) is charged (see the module docstring)."""
-    probe_keys = [probe_spec(unit.in_features, probe_bits).key for unit in units]
-    energies = [unit_energies(block, unit, (*unit.candidates, key), grams) for unit, key in zip(units, probe_keys)]
-    probe_total = {obj: sum(e[key][obj] for e, key in zip(energies, probe_keys)) for obj in grams}
-    rows = []
-    for unit, energy in zip(units, energies):
-        shares = {key: {obj: energy[key][obj] / probe_total[obj] if probe_total[obj] > 0 else 0.0 for obj in grams}
-                  for key in unit.candidates}
-        rows.append({"name": unit.name, "layer": unit.layer, "modules": [f"{unit.prefix}.{m}" for m in unit.modules],
-                     "n_weights": unit.n_weights, "in_features": unit.in_features, "shares": shares})
-    return rows
 
 
 def layer_record(layer: int, baseline: dict[str, dict], losses: dict[str, RowLosses], units: list[dict]) -> dict:
