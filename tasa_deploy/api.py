@@ -67,7 +67,8 @@ def quantize(model: Any = "smollm2-135m", *, out: str | Path, tokenizer=None, ta
     """Run TASA (or `method="uniform"`) and return the written artifact (`quantized_dir.QuantizedArtifact`).
     An in-memory model is quantized in place, as llm-compressor's oneshot does: GPTQ replaces its linear weights
     by their quantized values (load it again for an unquantized copy)."""
-    from tasa_deploy.pipeline import QuantizeRequest, default_work_dir, run_quantize
+    from tasa_deploy.pipeline import run_quantize
+    from tasa_deploy.request import QuantizeRequest, default_work_dir
     from tasa_deploy.quantized_dir import load_artifact
 
     out = Path(out)

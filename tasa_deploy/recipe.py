@@ -27,7 +27,7 @@ def read_recipe(path: Path) -> dict:
     """The recipe's options as QuantizeRequest keyword arguments; one-line errors for a bad file."""
     import yaml
 
-    from tasa_deploy.pipeline import TUPLE_FIELDS
+    from tasa_deploy.request import TUPLE_FIELDS
     from tasa_deploy.schema import MAX_JSON_BYTES
 
     path = Path(path)
@@ -62,7 +62,7 @@ def recipe_text(request) -> str:
     """The YAML recipe of a request (what `read_recipe` reads back into the same request)."""
     import yaml
 
-    from tasa_deploy.pipeline import request_to_json
+    from tasa_deploy.request import request_to_json
 
     stored = request_to_json(request)
     body = {name: list(v) if isinstance(v, tuple) else v for name, v in stored.items()}

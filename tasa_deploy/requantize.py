@@ -28,7 +28,7 @@ def needs_requantize(artifact: QuantizedArtifact) -> bool:
 
 def gguf_request(artifact: QuantizedArtifact, out: Path, work_dir: Path, device: str | None = None):
     """The QuantizeRequest that made `artifact`, retargeted: GGUF grids, the artifact's own plan and alpha."""
-    from tasa_deploy.pipeline import TUPLE_FIELDS, QuantizeRequest
+    from tasa_deploy.request import TUPLE_FIELDS, QuantizeRequest
 
     stored = artifact.plan.info.get("request")
     if not isinstance(stored, dict) or "model" not in stored:
