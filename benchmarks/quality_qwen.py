@@ -66,9 +66,14 @@ def evaluate(model, tokenizer, settings: CodeEvalSettings) -> dict:
 
     code = evaluate_code(model, tokenizer, "humaneval", limit=settings.humaneval_items)
     gsm8k = evaluate_gsm8k(model, tokenizer, limit=settings.gsm8k_items)
-    return {"humaneval": code.pass_at_1, "humaneval_se": code.pass_at_1_se, "humaneval_n": code.n,
-            "humaneval_status": code.statuses, "gsm8k": gsm8k.exact_match, "gsm8k_se": gsm8k.exact_match_se,
-            "gsm8k_n": gsm8k.n}
+    return accuracy_cells(code.to_json(), gsm8k.to_json())
+
+
+def accuracy_cells(code: dict, gsm8k: dict) -> dict:
+    """The table's accuracy cells from the HumanEval and GSM8K results (their `to_json` form)."""
+    return {"humaneval": code["pass_at_1"], "humaneval_se": code["pass_at_1_se"], "humaneval_n": code["n"],
+            "humaneval_status": code["statuses"], "gsm8k": gsm8k["exact_match"], "gsm8k_se": gsm8k["exact_match_se"],
+            "gsm8k_n": gsm8k["n"]}
 
 
 def evaluate_served(gguf: Path, tokenizer, settings: CodeEvalSettings) -> dict:
@@ -79,10 +84,8 @@ def evaluate_served(gguf: Path, tokenizer, settings: CodeEvalSettings) -> dict:
     with start_server(gguf, parallel=8, threads=2, ctx=8 * 1536) as server:
         code = run_tasks(server.url, tokenizer, ("humaneval",), settings.humaneval_items, parallel=8)["humaneval"]
         gsm8k = run_tasks(server.url, tokenizer, ("gsm8k",), settings.gsm8k_items, parallel=8)["gsm8k"]
-    return {"humaneval": code["pass_at_1"], "humaneval_se": code["pass_at_1_se"], "humaneval_n": code["n"],
-            "humaneval_status": code["statuses"], "gsm8k": gsm8k["exact_match"], "gsm8k_se": gsm8k["exact_match_se"],
-            "gsm8k_n": gsm8k["n"], "generated_by": "llama-server",
-            "generation_seconds": code["seconds"] + gsm8k["seconds"]}
+    return accuracy_cells(code, gsm8k) | {"generated_by": "llama-server",
+                                          "generation_seconds": code["seconds"] + gsm8k["seconds"]}
 
 
 def kl_columns(target: Path | None, model: str, root: Path, text_file: Path, settings: CodeEvalSettings) -> dict:

@@ -108,8 +108,7 @@ def make_kernel_class(base: type) -> type:
             out_type = getattr(c, "out_type", None)
             if out_type is not None and out_type != c.act_type:
                 return False, f"output dtype {out_type} differs from activation dtype {c.act_type}"
-            reason = layer_support(c.weight_type.size_bits, c.weight_type.bias, c.zero_points, _has_g_idx(c),
-                                   c.act_type, c.group_size, c.partition_weight_shape[0])
+            reason = config_support(c, ACTIVATION_DTYPES)
             return reason is None, reason
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -153,8 +152,7 @@ def make_cpu_kernel_class(base: type) -> type:
             supported, reason = cls.is_supported()
             if not supported:
                 return False, reason
-            reason = layer_support(c.weight_type.size_bits, c.weight_type.bias, c.zero_points, _has_g_idx(c),
-                                   c.act_type, c.group_size, c.partition_weight_shape[0], CPU_ACTIVATION_DTYPES)
+            reason = config_support(c, CPU_ACTIVATION_DTYPES)
             return reason is None, reason
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -171,9 +169,11 @@ def make_cpu_kernel_class(base: type) -> type:
     return TasaCpuDenseLinearKernel
 
 
-def _has_g_idx(config) -> bool:
-    """MPLinearLayerConfig.has_g_idx; vLLM 0.32 dropped the field (no act-order layer reaches these kernels)."""
-    return bool(getattr(config, "has_g_idx", False))
+def config_support(c, act_dtypes: tuple) -> str | None:
+    """`layer_support` of vLLM's MPLinearLayerConfig `c` (has_g_idx: gone in vLLM 0.32, read only if present)."""
+    return layer_support(c.weight_type.size_bits, c.weight_type.bias, c.zero_points,
+                         bool(getattr(c, "has_g_idx", False)), c.act_type, c.group_size,
+                         c.partition_weight_shape[0], act_dtypes)
 
 
 def _platform_is_cpu() -> bool:

@@ -154,9 +154,7 @@ def start_server(path: Path, *, port: int | None = None, ctx: int = 4096, parall
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}: choose {', '.join(RUNTIMES)}")
     path, cleanup = _servable(Path(path), runtime, log)
-    vllm = is_vllm_export(path)
-    if runtime == "llamacpp" and vllm:
-        raise UsageError(f"{path} is a vLLM export; llama-server serves a .gguf (use --runtime vllm)")
+    vllm = path.is_dir()  # _servable returns a vLLM export directory or a .gguf file
     port = port or free_port()
     log_file = tempfile.NamedTemporaryFile(prefix=f"tasa-{'vllm' if vllm else 'llama'}-server-", suffix=".log",
                                            delete=False)
@@ -193,6 +191,8 @@ def _servable(path: Path, runtime: str, log) -> tuple[Path, list]:
         export(path, out, format=fmt, log=log)
         return out, [tmp]
     if is_vllm_export(path):
+        if runtime == "llamacpp":
+            raise UsageError(f"{path} is a vLLM export; llama-server serves a .gguf (use --runtime vllm)")
         return path, []
     if path.is_dir():
         raise UsageError(f"{path} is a directory but neither a tasa-deploy artifact nor a vLLM export; serve a "

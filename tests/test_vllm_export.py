@@ -249,41 +249,7 @@ def test_smollm2_exported_ppl_matches_dense_artifact(smollm2, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- vLLM itself
-VLLM_PYTHON = Path.home() / ".cache/tasa-deploy/vllm-venv/bin/python"
 CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_cpu_check.py"
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_vllm_cpu_serves_the_export_like_transformers(exported, tmp_path):
-    """vLLM's own loader (vllm-cpu venv from benchmarks/vllm_cpu_env.sh) on the tiny mixed 3/4/8 export:
-    greedy tokens equal transformers', chosen-token logprobs within 1e-3 (both fp32)."""
-    import subprocess
-
-    from transformers import AutoModelForCausalLM
-
-    if not VLLM_PYTHON.is_file():
-        pytest.skip("no vLLM venv; build it with: bash benchmarks/vllm_cpu_env.sh")
-    _, out_dir, _ = exported
-    prompts = [[1, 17, 93, 250, 8], [1, 5, 5, 201]]
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    reference = []
-    for ids in prompts:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
-                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        tokens = out.sequences[0, len(ids):].tolist()
-        reference.append({"tokens": tokens, "logprobs": [torch.log_softmax(step[0], -1)[t].item()
-                                                         for step, t in zip(out.logits, tokens)]})
-    requests = tmp_path / "requests.json"
-    requests.write_text(json.dumps({"prompt_ids": prompts, "max_tokens": 8, "dtype": "float32"}))
-    subprocess.run([str(VLLM_PYTHON), str(CHECK_SCRIPT), "--vllm-worker", str(out_dir), str(requests),
-                    str(tmp_path / "vllm.json")], check=True, capture_output=True, timeout=600)
-    served = json.loads((tmp_path / "vllm.json").read_text())
-    assert "TasaCpuDenseLinearKernel" in served["kernels"]
-    for ref, got in zip(reference, served["results"]):
-        assert got["tokens"] == ref["tokens"]
-        np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-3, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +268,37 @@ def vllm_env():
     if found.returncode != 0:
         pytest.skip("the vLLM environment lacks tasa-deploy's plugin; rerun: bash benchmarks/vllm_cpu_env.sh")
     return python
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_cpu_serves_the_export_like_transformers(exported, vllm_env, tmp_path):
+    """vLLM's own loader (vllm-cpu venv from benchmarks/vllm_cpu_env.sh) on the tiny mixed 3/4/8 export:
+    greedy tokens equal transformers', chosen-token logprobs within 1e-3 (both fp32)."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    _, out_dir, _ = exported
+    prompts = [[1, 17, 93, 250, 8], [1, 5, 5, 201]]
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    reference = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        tokens = out.sequences[0, len(ids):].tolist()
+        reference.append({"tokens": tokens, "logprobs": [torch.log_softmax(step[0], -1)[t].item()
+                                                         for step, t in zip(out.logits, tokens)]})
+    requests = tmp_path / "requests.json"
+    requests.write_text(json.dumps({"prompt_ids": prompts, "max_tokens": 8, "dtype": "float32"}))
+    subprocess.run([str(vllm_env), str(CHECK_SCRIPT), "--vllm-worker", str(out_dir), str(requests),
+                    str(tmp_path / "vllm.json")], check=True, capture_output=True, timeout=600)
+    served = json.loads((tmp_path / "vllm.json").read_text())
+    assert "TasaCpuDenseLinearKernel" in served["kernels"]
+    for ref, got in zip(reference, served["results"]):
+        assert got["tokens"] == ref["tokens"]
+        np.testing.assert_allclose(got["logprobs"], ref["logprobs"], atol=1e-3, rtol=0)
 
 
 @pytest.mark.vllm
