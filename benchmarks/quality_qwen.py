@@ -2,7 +2,7 @@
 protecting `code,gsm8k`, reach uniform 4-bit on HumanEval and GSM8K, and beat llama.cpp's Q3_K_M at <= its
 size? -> benchmarks/results/quality_qwen.{json,md,png}.
 
-Rows are built by benchmarks/quality.py's builders (same caches, same QuantizeRequests, with tasks code,gsm8k):
+Rows are built by benchmarks/quality_rows.py (as for quality.py) (same caches, same QuantizeRequests, with tasks code,gsm8k):
   fp, uniform3-gptq, uniform4-gptq, tasa-3.5, tasa-3.5-taskonly (alpha = 0: task data only),
   llamacpp-q3_k_m, llamacpp-q3_k_m-imatrix (imatrix from the TASA mixture), llamacpp-q4_k_m,
   tasa-gguf-q3_k_m-size (TASA over GGML types at Q3_K_M's bpw), tasa-3.0 / tasa-4.0 (same profile).
