@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from tasa_deploy import TasaError, UsageError
-from tasa_deploy.cli_common import (DeviceOption, DtypeOption, ObjectiveLossOption, TaskDataOption,
+from tasa_deploy.cli_common import (CandidatesOption, DeviceOption, DtypeOption, ObjectiveLossOption, TaskDataOption,
                                     WorkersOption, console, csv as _csv, out_console, table as _table)
 from tasa_deploy.cli_eval import evaluate
 from tasa_deploy.outputs import check_output
@@ -91,7 +91,7 @@ def quantize(
     tasks: Annotated[str, typer.Option(help="Tasks to protect: gsm8k, arc, arc_easy, arc_challenge, hellaswag, piqa, code, or a --task-data NAME.")] = "gsm8k,arc",
     task_data: TaskDataOption = None,
     objective_loss: ObjectiveLossOption = "kl",
-    candidates: Annotated[str, typer.Option(help="Candidate widths for the allocator.")] = "3,4,8",
+    candidates: CandidatesOption = None,
     beta: Annotated[float, typer.Option(help="MOA weight of the reasoning objectives (1-beta on perplexity).")] = 0.5,
     group_size: Annotated[Optional[int], typer.Option(help="Int group size (default: largest of 128/64/32 dividing K).")] = None,
     asym: Annotated[bool, typer.Option("--asym", help="Asymmetric int grid (uniform only; vLLM serves symmetric).")] = False,
@@ -125,7 +125,7 @@ def quantize(
 
     options = dict(model=model, bits=bits, size=size, max_slowdown=max_slowdown, speed_reference=speed_reference,
                    method=method, target=target, tasks=_csv(tasks),
-                   task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=_ints(candidates),
+                   task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=_ints(candidates) if candidates else None,
                    beta=beta, group_size=group_size, symmetric=not asym, quantizer=quantizer, alpha=alpha,
                    calib_samples=calib_samples, seq_len=seq_len, seed=seed, act_order=act_order,
                    true_sequential=true_sequential, probe_samples=probe_samples, probe_snr=probe_snr,
@@ -239,7 +239,7 @@ def profile(
     task_data: TaskDataOption = None,
     objective_loss: ObjectiveLossOption = "kl",
     target: Annotated[str, typer.Option(help="vllm | gguf: which candidate grids to measure.")] = "vllm",
-    candidates: Annotated[str, typer.Option()] = "3,4,8",
+    candidates: CandidatesOption = None,
     probe_samples: Annotated[int, typer.Option()] = 32,
     probe_snr: Annotated[Optional[float], typer.Option(help="Double the probe rows until every objective's signal-to-noise reaches this.")] = None,
     max_probe_samples: Annotated[int, typer.Option()] = 256,
@@ -258,7 +258,7 @@ def profile(
     from tasa_deploy.pipeline import QuantizeRequest, measure_request_profile
 
     request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), objective_loss=objective_loss,
-                              target=target, candidates=_ints(candidates), probe_samples=probe_samples,
+                              target=target, candidates=_ints(candidates) if candidates else None, probe_samples=probe_samples,
                               probe_snr=probe_snr, max_probe_samples=max_probe_samples, probe_seq_len=seq_len,
                               seed=seed, device=device, dtype=dtype, workers=_workers(workers))
     check_output(out, force=force)
@@ -286,7 +286,7 @@ def plan(
     out: Annotated[Path, typer.Option("--out")] = Path("tasa_plan.json"),
     target: Annotated[str, typer.Option()] = "vllm",
     beta: Annotated[float, typer.Option()] = 0.5,
-    candidates: Annotated[str, typer.Option()] = "3,4,8",
+    candidates: CandidatesOption = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of sensitivity and chosen bits per layer.")] = None,
     emit: Annotated[Optional[str], typer.Option(help="Also write the plan for llama-quantize (--tensor-type-file), "
                                                 "llm-compressor (recipe YAML) or autoround (layer_config JSON), "
@@ -309,7 +309,7 @@ def plan(
     if plot is not None and plot.absolute() == out.absolute():
         raise UsageError(f"--plot and --out are the same file ({out})")
     loaded_profile = SensitivityProfile.load(profile_path)
-    result = plan_stage.build_plan(loaded_profile, bits, target=target, beta=beta, candidates=_ints(candidates))
+    result = plan_stage.build_plan(loaded_profile, bits, target=target, beta=beta, candidates=_ints(candidates) if candidates else None)
     result.save(out, force=force, inputs=(profile_path,))
     out_console.print(_table("bits per layer", plan_stage.plan_table(result)))
     if plot:

@@ -42,6 +42,9 @@ DtypeOption = Annotated[Optional[str], typer.Option(
 WorkersOption = Annotated[Optional[str], typer.Option(
     "--workers", help="Run the profile's per-block experiments on Ray: N local workers, or a Ray address "
                       "(ray://host:10001, auto). Same results as the serial run.")]
+CandidatesOption = Annotated[Optional[str], typer.Option(
+    "--candidates", help="Widths the allocator may give a unit, e.g. 3,4,8 (default: 3,4,8 for --target vllm; "
+                         "3,4,5,6,8 for --target gguf, i.e. every GGML type of those widths that fits the row).")]
 ObjectiveLossOption = Annotated[str, typer.Option(
     "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
                              "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]

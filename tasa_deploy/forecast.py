@@ -88,10 +88,10 @@ def linear_budget_bytes(request, model_dir, config) -> int | None:
     layout = file_layout(model_dir, config, request.target)
     budget = layout.linear_budget_bytes(parse_size(request.size))
     bpw = 8 * budget / layout.linear_weights
-    if request.candidates and bpw < min(request.candidates):
+    if bpw < min(request.widths):
         raise UsageError(f"--size {request.size} leaves {bpw:.2f} bits per weight for the linear layers (the rest of "
                          f"the file is {human(layout.fixed_bytes)}), below the narrowest candidate width "
-                         f"{min(request.candidates)}; raise --size or add a narrower --candidates width")
+                         f"{min(request.widths)}; raise --size or add a narrower --candidates width")
     return budget
 
 

@@ -108,7 +108,7 @@ def stage_profile(loaded: LoadedModel, fingerprint: str, request: QuantizeReques
 
 def profile_kwargs(request: QuantizeRequest) -> dict:
     """The measurement settings of the request's profile besides its objectives and probe rows."""
-    return dict(target=request.target, probe_bits=min(request.candidates), candidate_bits=request.candidates,
+    return dict(target=request.target, probe_bits=min(request.widths), candidate_bits=request.widths,
                 seq_len=request.probe_seq_len, seed=request.seed)
 
 
@@ -155,7 +155,7 @@ def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: 
 
     budget_bytes = linear_budget_bytes(request, loaded.model_dir, loaded.model.config) if loaded else None
     plan = plan_stage.build_plan(profile, None if budget_bytes else request.bits, target=request.target,
-                                 beta=request.beta, candidates=request.candidates, budget_bytes=budget_bytes,
+                                 beta=request.beta, candidates=request.widths, budget_bytes=budget_bytes,
                                  speed=speed_for(request, loaded, profile, log))
     plan.save(work_dir / "tasa_plan.json")
     plan_stage.save_plan_plot(profile, plan, work_dir / "tasa_plan.png")

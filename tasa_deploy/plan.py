@@ -39,7 +39,16 @@ from tasa_deploy.stats import bootstrap_tau, kendall_tau_b, reliability
 
 GENERAL_OBJECTIVES = ("ppl",)
 NORMALIZATION = "per-objective: max(delta, 0) / sum of max(delta, 0) over all units and candidates"
-DEFAULT_BITS = (3, 4, 8)
+DEFAULT_BITS = (3, 4, 8)  # the vLLM target's int widths (the paper's 3/4/8)
+# The GGUF target's default: every GGML width from 3 to 8 bits. A GGUF profile measures every type a row fits, and
+# the 5/6-bit types (Q5_0, Q5_K, Q6_K) are what llama.cpp's own presets lean on where k-quants do not fit; filtering
+# them out left Qwen2.5-Coder's plans without the Q5_0 its base is stored in. 2-bit (Q2_K) stays opt-in.
+DEFAULT_GGUF_BITS = (3, 4, 5, 6, 8)
+
+
+def default_candidates(target: str) -> tuple[int, ...]:
+    """The candidate widths a plan for `target` uses when the caller names none."""
+    return DEFAULT_GGUF_BITS if target == "gguf" else DEFAULT_BITS
 
 
 # ----------------------------------------------------------------------------------------- normalize + MOA
@@ -117,7 +126,7 @@ def unit_candidates(unit: UnitSensitivity, target: str, candidates: Iterable[int
     if target == "gguf":
         fitting = set(gguf_candidates(unit.in_features))
         keys = [key for key in keys if key in fitting]
-    wanted = DEFAULT_BITS if candidates is None else tuple(candidates)
+    wanted = default_candidates(target) if candidates is None else tuple(candidates)
     chosen = [key for key in keys if _matches(QuantSpec.from_key(key), wanted)]
     if not chosen:
         raise UsageError(f"unit {unit.name} has no candidate among {list(wanted)} in the profile "

@@ -80,7 +80,10 @@ def profile_settings(*, objectives: Sequence[str] = ("ppl", "math", "arc"), targ
         raise UsageError(f"need n_probe >= 2 (a standard error needs two rows) and seq_len >= 8 "
                          f"(got {n_probe}, {seq_len})")
     return {"objectives": list(objectives), "target": target, "probe_bits": int(probe_bits),
-            "probe_group": "default_group_size(K)", "candidate_bits": bits,
+            "probe_group": "default_group_size(K)",
+            # a GGUF profile measures every GGML type in gguf_types that a row fits, whatever widths a plan will
+            # later draw from, so the widths key only vLLM profiles (`quantize --candidates` then reuses a GGUF one)
+            "candidate_bits": bits if target == "vllm" else None,
             "gguf_types": sorted(gguf_types) if gguf_types is not None else None,
             "n_probe": int(n_probe), "seq_len": int(seq_len), "seed": int(seed), "method": "rtn",
             "unit_error_proxy": UNIT_ERROR_PROXY, "shrinkage": SHRINKAGE_RULE}

@@ -13,7 +13,7 @@ from pathlib import Path
 from tasa_deploy import UsageError
 from tasa_deploy.device import resolve_device, resolve_dtype
 from tasa_deploy.objectives import KL_PREFIX
-from tasa_deploy.plan import check_budget_args
+from tasa_deploy.plan import check_budget_args, default_candidates
 from tasa_deploy.quant.spec import INT_GROUP_SIZES
 from tasa_deploy.sizes import parse_size
 from tasa_deploy.tasks import TASKS, get_task, register_task_data
@@ -37,7 +37,7 @@ class QuantizeRequest:
     tasks: tuple[str, ...] = ("gsm8k", "arc")
     task_data: tuple[str, ...] = ()  # "NAME=PATH" user tasks (tasa_deploy.tasks); NAME may then be in tasks
     general: str = "lambada"
-    candidates: tuple[int, ...] = (3, 4, 8)
+    candidates: tuple[int, ...] | None = None  # None: plan.default_candidates(target) (3,4,8 vLLM; 3,4,5,6,8 GGUF)
     beta: float = 0.5  # MOA weight on reasoning objectives
     group_size: int | None = None  # None = largest of 128/64/32 dividing each K
     symmetric: bool = True
@@ -73,7 +73,7 @@ class QuantizeRequest:
             raise UsageError("--tasks is empty; give at least one of: " + ", ".join(TASKS))
         for task in self.tasks:
             get_task(task)
-        if any(not 2 <= b <= 8 for b in self.candidates):
+        if self.candidates is not None and (not self.candidates or any(not 2 <= b <= 8 for b in self.candidates)):
             raise UsageError(f"candidate widths must be in 2..8, got {self.candidates}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
@@ -101,9 +101,9 @@ class QuantizeRequest:
             if self.method != "tasa" or self.plan_path is not None:
                 raise UsageError("--size budgets the plan TASA allocates; with --method uniform or --plan the widths "
                                  "are fixed (use --dry-run to see the file size)")
-        if self.method == "tasa" and self.plan_path is None and self.size is None and self.candidates \
-                and self.bits < min(self.candidates):
-            raise UsageError(f"--bits {self.bits} is below the narrowest candidate width {min(self.candidates)}: "
+        if self.method == "tasa" and self.plan_path is None and self.size is None \
+                and self.bits < min(self.widths):
+            raise UsageError(f"--bits {self.bits} is below the narrowest candidate width {min(self.widths)}: "
                              "no plan can meet it; raise --bits or add a narrower --candidates width")
         if self.alpha is not None and not math.isfinite(self.alpha):
             raise UsageError(f"--alpha must be a number in [0, 1], got {self.alpha}")
@@ -118,6 +118,11 @@ class QuantizeRequest:
         if self.group_size is not None and self.group_size not in (*INT_GROUP_SIZES, -1):
             raise UsageError(f"group size must be one of {', '.join(map(str, INT_GROUP_SIZES))} or -1 "
                              f"(one scale per row), got {self.group_size}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The candidate widths the plan draws from: --candidates, else the target's default."""
+        return tuple(self.candidates) if self.candidates is not None else default_candidates(self.target)
 
     @property
     def task_sources(self) -> tuple[str, ...]:

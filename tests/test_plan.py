@@ -8,6 +8,7 @@ import pytest
 from tasa_deploy import UsageError
 from tasa_deploy.artifacts import BitPlan, SensitivityProfile, UnitSensitivity
 from tasa_deploy.bits import plan_average_bits, plan_total_bits
+from tasa_deploy.request import QuantizeRequest
 from tasa_deploy.plan import (aggregated_errors, build_plan, kendall_tau_b, kendall_tau_matrix, plan_table,
                               save_plan_plot, top_layers)
 
@@ -130,6 +131,22 @@ def test_gguf_target_filters_types_by_row_length():
     assert plan.average_bits <= 4.6
     with pytest.raises(UsageError, match="no candidate among"):
         build_plan(profile, 4.6, target="gguf", candidates=(3,))  # q_proj (K=64) cannot take a 3-bit type
+
+
+def test_default_candidates_depend_on_the_target():
+    """GGUF plans draw from every GGML width 3..8 by default (Q5_0/Q6_K included), vLLM plans from 3/4/8."""
+    from tasa_deploy.plan import unit_candidates
+
+    types = ("q2_k", "q3_k", "q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
+    errors = {t: {"ppl": 1.0} for t in types} | {f"int{b}g128": {"ppl": 1.0} for b in (2, 3, 4, 5, 8)}
+    unit = UnitSensitivity("model.layers.0.mlp.down_proj", 0, ("model.layers.0.mlp.down_proj",), 256 * 256, 256,
+                           errors)
+    assert unit_candidates(unit, "gguf", None) == ["q3_k", "q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0"]
+    assert unit_candidates(unit, "gguf", (2, 3)) == ["q2_k", "q3_k"]
+    assert unit_candidates(unit, "vllm", None) == ["int3g128", "int4g128", "int8g128"]
+    assert QuantizeRequest(target="gguf").widths == (3, 4, 5, 6, 8)
+    assert QuantizeRequest(target="vllm").widths == (3, 4, 8)
+    assert QuantizeRequest(target="gguf", candidates=(4, 8), bits=5.0).widths == (4, 8)
 
 
 def test_byte_budget():

@@ -284,6 +284,14 @@ def test_gguf_target_has_one_unit_per_module_with_fitting_ggml_types(tiny, tmp_p
         assert list(unit.errors) == gguf_candidates(modules[unit.name].in_features)
 
 
+def test_gguf_profiles_are_not_keyed_by_candidate_widths():
+    """A GGUF profile measures every fitting GGML type, so a plan's --candidates must not force a re-profile."""
+    assert profile_settings(target="gguf", candidate_bits=(3, 4, 8)) == \
+        profile_settings(target="gguf", candidate_bits=(3, 4, 5, 6, 8))
+    assert profile_settings(target="vllm", candidate_bits=(3, 4, 8)) != \
+        profile_settings(target="vllm", candidate_bits=(3, 4, 5, 8))
+
+
 def test_bad_settings_are_usage_errors():
     with pytest.raises(UsageError, match="objective"):
         profile_settings(objectives=("ppl", "nope"))
