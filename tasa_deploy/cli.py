@@ -12,8 +12,9 @@ import typer
 from typer.core import TyperGroup
 
 from tasa_deploy import TasaError, UsageError
-from tasa_deploy.cli_common import (CandidatesOption, DeviceOption, DtypeOption, ObjectiveLossOption, TaskDataOption,
-                                    WorkersOption, console, csv as _csv, out_console, table as _table)
+from tasa_deploy.cli_common import (CandidatesOption, DeviceOption, DtypeOption, ObjectiveLossOption,
+                                    TaskDataOption, WorkersOption, candidates_arg, console, csv as _csv, out_console,
+                                    table as _table)
 from tasa_deploy.cli_eval import evaluate
 from tasa_deploy.outputs import check_output
 
@@ -64,13 +65,6 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
     STATE["debug"] = debug
-
-
-def _ints(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise UsageError(f"expected comma-separated integers, got '{value}'") from None
 
 
 # ------------------------------------------------------------------------------------------------ quantize
@@ -125,7 +119,7 @@ def quantize(
 
     options = dict(model=model, bits=bits, size=size, max_slowdown=max_slowdown, speed_reference=speed_reference,
                    method=method, target=target, tasks=_csv(tasks),
-                   task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=_ints(candidates) if candidates else None,
+                   task_data=tuple(task_data or ()), objective_loss=objective_loss, candidates=candidates_arg(candidates),
                    beta=beta, group_size=group_size, symmetric=not asym, quantizer=quantizer, alpha=alpha,
                    calib_samples=calib_samples, seq_len=seq_len, seed=seed, act_order=act_order,
                    true_sequential=true_sequential, probe_samples=probe_samples, probe_snr=probe_snr,
@@ -258,7 +252,7 @@ def profile(
     from tasa_deploy.pipeline import QuantizeRequest, measure_request_profile
 
     request = QuantizeRequest(tasks=_csv(tasks), task_data=tuple(task_data or ()), objective_loss=objective_loss,
-                              target=target, candidates=_ints(candidates) if candidates else None, probe_samples=probe_samples,
+                              target=target, candidates=candidates_arg(candidates), probe_samples=probe_samples,
                               probe_snr=probe_snr, max_probe_samples=max_probe_samples, probe_seq_len=seq_len,
                               seed=seed, device=device, dtype=dtype, workers=_workers(workers))
     check_output(out, force=force)
@@ -309,7 +303,7 @@ def plan(
     if plot is not None and plot.absolute() == out.absolute():
         raise UsageError(f"--plot and --out are the same file ({out})")
     loaded_profile = SensitivityProfile.load(profile_path)
-    result = plan_stage.build_plan(loaded_profile, bits, target=target, beta=beta, candidates=_ints(candidates) if candidates else None)
+    result = plan_stage.build_plan(loaded_profile, bits, target=target, beta=beta, candidates=candidates_arg(candidates))
     result.save(out, force=force, inputs=(profile_path,))
     out_console.print(_table("bits per layer", plan_stage.plan_table(result)))
     if plot:

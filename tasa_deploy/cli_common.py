@@ -44,7 +44,15 @@ WorkersOption = Annotated[Optional[str], typer.Option(
                       "(ray://host:10001, auto). Same results as the serial run.")]
 CandidatesOption = Annotated[Optional[str], typer.Option(
     "--candidates", help="Widths the allocator may give a unit, e.g. 3,4,8 (default: 3,4,8 for --target vllm; "
-                         "3,4,5,6,8 for --target gguf, i.e. every GGML type of those widths that fits the row).")]
+                         "3,4,5,6,8 for --target gguf, i.e. every GGML type of those widths that fits the row); "
+                         "with --target gguf also GGML type names, e.g. q3_k,q4_k,q6_k,q8_0.")]
+
+
+def candidates_arg(value: str | None) -> tuple[int | str, ...] | None:
+    """'3,4,8' -> (3, 4, 8); 'q4_k,6' -> ('q4_k', 6); None/'' -> None (the target's default)."""
+    if not value:
+        return None
+    return tuple(int(v) if v.isdigit() else v.lower() for v in csv(value))
 ObjectiveLossOption = Annotated[str, typer.Option(
     "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
                              "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]

@@ -155,7 +155,7 @@ def stage_plan(profile: SensitivityProfile, request: QuantizeRequest, work_dir: 
 
     budget_bytes = linear_budget_bytes(request, loaded.model_dir, loaded.model.config) if loaded else None
     plan = plan_stage.build_plan(profile, None if budget_bytes else request.bits, target=request.target,
-                                 beta=request.beta, candidates=request.widths, budget_bytes=budget_bytes,
+                                 beta=request.beta, candidates=request.plan_candidates, budget_bytes=budget_bytes,
                                  speed=speed_for(request, loaded, profile, log))
     plan.save(work_dir / "tasa_plan.json")
     plan_stage.save_plan_plot(profile, plan, work_dir / "tasa_plan.png")

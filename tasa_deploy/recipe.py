@@ -47,7 +47,7 @@ def read_recipe(path: Path) -> dict:
         name = str(key).replace("-", "_")
         if name not in fields:
             raise UsageError(f"--config {path}: unknown option '{key}'; known: {', '.join(sorted(fields))}")
-        if name in TUPLE_FIELDS:
+        if name in TUPLE_FIELDS and value is not None:
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             elif isinstance(value, list):

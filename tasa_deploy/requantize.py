@@ -35,7 +35,7 @@ def gguf_request(artifact: QuantizedArtifact, out: Path, work_dir: Path, device:
         raise UsageError(f"{artifact.path}: tasa_plan.json does not record how it was quantized (info.request); "
                          "re-quantizing for GGUF needs it - export with --re-round (lossy) instead")
     known = {f.name for f in dataclasses.fields(QuantizeRequest)}
-    kwargs = {k: (tuple(v) if k in TUPLE_FIELDS else v) for k, v in stored.items() if k in known}
+    kwargs = {k: (tuple(v) if k in TUPLE_FIELDS and v is not None else v) for k, v in stored.items() if k in known}
     plan_path = work_dir / "source_plan.json"
     artifact.plan.save(plan_path)
     alpha = artifact.plan.info.get("alpha")

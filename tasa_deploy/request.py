@@ -14,7 +14,7 @@ from tasa_deploy import UsageError
 from tasa_deploy.device import resolve_device, resolve_dtype
 from tasa_deploy.objectives import KL_PREFIX
 from tasa_deploy.plan import check_budget_args, default_candidates
-from tasa_deploy.quant.spec import INT_GROUP_SIZES
+from tasa_deploy.quant.spec import INT_GROUP_SIZES, QuantSpec
 from tasa_deploy.sizes import parse_size
 from tasa_deploy.tasks import TASKS, get_task, register_task_data
 
@@ -37,7 +37,8 @@ class QuantizeRequest:
     tasks: tuple[str, ...] = ("gsm8k", "arc")
     task_data: tuple[str, ...] = ()  # "NAME=PATH" user tasks (tasa_deploy.tasks); NAME may then be in tasks
     general: str = "lambada"
-    candidates: tuple[int, ...] | None = None  # None: plan.default_candidates(target) (3,4,8 vLLM; 3,4,5,6,8 GGUF)
+    candidates: tuple[int | str, ...] | None = None  # widths, or GGML type names (--target gguf) such as "q4_k";
+    #   None: plan.default_candidates(target) (3,4,8 vLLM; 3,4,5,6,8 GGUF)
     beta: float = 0.5  # MOA weight on reasoning objectives
     group_size: int | None = None  # None = largest of 128/64/32 dividing each K
     symmetric: bool = True
@@ -73,8 +74,7 @@ class QuantizeRequest:
             raise UsageError("--tasks is empty; give at least one of: " + ", ".join(TASKS))
         for task in self.tasks:
             get_task(task)
-        if self.candidates is not None and (not self.candidates or any(not 2 <= b <= 8 for b in self.candidates)):
-            raise UsageError(f"candidate widths must be in 2..8, got {self.candidates}")
+        self._check_candidates()
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
         if self.objective_loss not in OBJECTIVE_LOSSES:
@@ -119,10 +119,29 @@ class QuantizeRequest:
             raise UsageError(f"group size must be one of {', '.join(map(str, INT_GROUP_SIZES))} or -1 "
                              f"(one scale per row), got {self.group_size}")
 
+    def _check_candidates(self) -> None:
+        if self.candidates is None:
+            return
+        # a recipe or stored plan gives "3" or 3; keep widths as ints and type names lower-case
+        object.__setattr__(self, "candidates", tuple(int(c) if isinstance(c, int) or str(c).isdigit()
+                                                     else str(c).lower() for c in self.candidates))
+        names = [c for c in self.candidates if isinstance(c, str)]
+        if not self.candidates or any(not 2 <= c <= 8 for c in self.candidates if not isinstance(c, str)):
+            raise UsageError(f"candidate widths must be in 2..8, got {self.candidates}")
+        if names and self.target != "gguf":
+            raise UsageError(f"GGML type names in --candidates ({', '.join(names)}) need --target gguf")
+        for name in names:
+            QuantSpec.for_ggml(name)  # an unknown type is a UsageError listing the known ones
+
+    @property
+    def plan_candidates(self) -> tuple[int | str, ...]:
+        """What the allocator may pick per unit: --candidates (widths or GGML types), else the target's default."""
+        return tuple(self.candidates) if self.candidates is not None else default_candidates(self.target)
+
     @property
     def widths(self) -> tuple[int, ...]:
-        """The candidate widths the plan draws from: --candidates, else the target's default."""
-        return tuple(self.candidates) if self.candidates is not None else default_candidates(self.target)
+        """The bit widths of plan_candidates (a GGML type counts at its nominal width)."""
+        return tuple(QuantSpec.for_ggml(c).bits if isinstance(c, str) else c for c in self.plan_candidates)
 
     @property
     def task_sources(self) -> tuple[str, ...]:
@@ -153,7 +172,7 @@ def default_work_dir(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".work")
 
 
-TUPLE_FIELDS = tuple(f.name for f in fields(QuantizeRequest) if isinstance(f.default, tuple))  # JSON lists -> tuples
+TUPLE_FIELDS = tuple(f.name for f in fields(QuantizeRequest) if str(f.type).startswith("tuple["))  # JSON lists -> tuples
 
 
 def request_to_json(request: QuantizeRequest) -> dict:

@@ -147,6 +147,14 @@ def test_default_candidates_depend_on_the_target():
     assert QuantizeRequest(target="gguf").widths == (3, 4, 5, 6, 8)
     assert QuantizeRequest(target="vllm").widths == (3, 4, 8)
     assert QuantizeRequest(target="gguf", candidates=(4, 8), bits=5.0).widths == (4, 8)
+    # GGML type names pick exact types (e.g. a plan that avoids the base's own grids); widths count nominally
+    named = QuantizeRequest(target="gguf", candidates=("3", "Q4_K", "q6_k"))
+    assert named.plan_candidates == (3, "q4_k", "q6_k") and named.widths == (3, 4, 6)
+    assert unit_candidates(unit, "gguf", named.plan_candidates) == ["q3_k", "q4_k", "q6_k"]
+    with pytest.raises(UsageError, match="need --target gguf"):
+        QuantizeRequest(target="vllm", candidates=("q4_k",), bits=4.0)
+    with pytest.raises(UsageError, match="unknown GGML type"):
+        QuantizeRequest(target="gguf", candidates=("q4_z",))
 
 
 def test_byte_budget():

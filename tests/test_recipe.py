@@ -52,6 +52,7 @@ def test_the_recipe_repeats_the_run(first_run, tmp_path):
     ("bits: [1\n", "not valid UTF-8 YAML"),
     ("tasks: 3\n", "must be a list"),
     ("method: sideways\n", "--method must be tasa or uniform"),
+    ("target: gguf\ncandidates: [4, q4_z]\n", "unknown GGML type 'q4_z'"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
     recipe = tmp_path / "r.yaml"
