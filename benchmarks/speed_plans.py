@@ -7,6 +7,11 @@ Rows (embeddings and head kept f16 in every file, so the files differ only in th
   tasa-gguf-q3_k_m-size-speed           the same with `--max-slowdown 1.0` (decode no slower than Q3_K_M, predicted
                                         from llama-bench of single-type files: tasa_deploy/speed.py)
   tasa-gguf-q3_k_m-size-speed1.05       `--max-slowdown 1.05` (at least 95% of Q3_K_M's decode speed)
+  tasa-gguf-q3_k_m-size-nonnative       (--nonnative) the speed-blind plan without the native grid: every embedded
+                                        model was dequantized from a GGUF, so some GGML types reproduce some of its
+                                        tensors exactly (SmolLM2's q4_1, Qwen's q5_0); those (unit, type) pairs - the
+                                        profile's zero-error entries - are removed before planning. A user starting
+                                        from bf16 has no such free tensors.
 Per row: file bytes, linear bpw, llama-bench decode (tg) and prompt (pp) tok/s (`--reps` runs each, the rows
 interleaved round-robin so drift hits all alike; mean and SE over rounds), WikiText-2 perplexity and KL divergence
 from the f16 base (llama-perplexity --kl-divergence, ctx 512, --chunks), and task KL: the same on a text of the
@@ -14,7 +19,7 @@ task data (GSM8K test solutions; HumanEval prompts with their reference code for
 are measured once).
 
 Usage: python benchmarks/speed_plans.py [--model smollm2-135m] [--tasks gsm8k,arc] [--chunks 8] [--rounds 3]
-       [--slowdowns 1.0,1.05]
+       [--slowdowns 1.0,1.05] [--nonnative] [--work DIR]
 Run alone on an idle machine.
 """
 
@@ -49,6 +54,46 @@ def task_text(tasks: tuple[str, ...], path: Path, limit: int = 400) -> Path:
     return path
 
 
+def nonnative_profile(profile):
+    """The profile without the (unit, GGML type) pairs that reproduce the base's weights exactly: zero predicted
+    error for every objective where another candidate of the same unit errs (tr(dW H dW^T) = 0 only for dW = 0)."""
+    import dataclasses
+
+    units, dropped = [], {}
+    for unit in profile.units:
+        erring = any(v > 0 for errs in unit.errors.values() for v in errs.values())
+        exact = [k for k, errs in unit.errors.items() if erring and all(v == 0 for v in errs.values())]
+        for key in exact:
+            dropped[key] = dropped.get(key, 0) + 1
+        units.append(dataclasses.replace(unit, errors={k: v for k, v in unit.errors.items() if k not in exact}))
+    return dataclasses.replace(profile, units=tuple(units)), dropped
+
+
+def nonnative_file(args, tasks, size: int, work: Path) -> tuple[Path, dict]:
+    """tasa-gguf-q3_k_m-size-nonnative: plan from the shared profile minus its exact pairs, GPTQ with the shared mix."""
+    import shutil
+
+    from tasa_deploy.api import export
+    from tasa_deploy.artifacts import SensitivityProfile
+    from tasa_deploy.model import load_model
+    from tasa_deploy.pipeline import QuantizeRequest, run_quantize, stage_plan
+
+    name, shared = "tasa-gguf-q3_k_m-size-nonnative", work / "tasa.work"
+    own = work / f"{name}.work"
+    own.mkdir(exist_ok=True)
+    shutil.copy2(shared / "mix.json", own / "mix.json")
+    profile, dropped = nonnative_profile(SensitivityProfile.load(shared / "profile.json"))
+    print(f"{name}: dropped exact (unit, type) pairs {dropped}", file=sys.stderr)
+    request = QuantizeRequest(model=args.model, out=work / name, target="gguf", size=f"{size}B", tasks=tasks,
+                              max_slowdown=0.0, work_dir=own, force=True)
+    stage_plan(profile, request, own, load_model(args.model), log=lambda m: print(m, file=sys.stderr))
+    request = QuantizeRequest(model=args.model, out=work / name, target="gguf", tasks=tasks,
+                              plan_path=own / "tasa_plan.json", work_dir=own, force=True)
+    _, summary = run_quantize(request, log=lambda m: print(m, file=sys.stderr))
+    path = export(work / name, work / f"{name}.gguf", format="gguf", force=True).path
+    return path, {"stage_seconds": summary["stage_seconds"], "dropped_exact_pairs": dropped}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -56,6 +101,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slowdowns", default="1.0,1.05", help="--max-slowdown of each speed-aware row")
+    parser.add_argument("--nonnative", action="store_true", help="add the tasa-gguf-q3_k_m-size-nonnative row")
     parser.add_argument("--work", type=Path, default=None, help="keep files here (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -89,6 +135,9 @@ def main() -> None:
         _, summary = run_quantize(request, log=lambda m: print(m, file=sys.stderr))  # GPTQ changes a model in place
         seconds[name] = summary["stage_seconds"]
         files[name] = export(work / name, work / f"{name}.gguf", format="gguf", force=True).path
+    if args.nonnative:
+        files["tasa-gguf-q3_k_m-size-nonnative"], seconds["tasa-gguf-q3_k_m-size-nonnative"] = \
+            nonnative_file(args, tasks, size, work)
     wiki = shared_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
     task_file = task_text(tasks, work / "tasks.txt")
     rows = {name: {"name": name, "file_bytes": path.stat().st_size, "linear_bpw": linear_bits_per_weight(path),
@@ -120,7 +169,7 @@ def main() -> None:
                      f"{r['kld_tasks']['kld']:.4f} ± {r['kld_tasks']['kld_se']:.4f} |")
     lines += ["", f"{args.model}; tasks {','.join(tasks)}; ctx 512 x {args.chunks} chunks; llama-bench pp128/tg64, "
               f"{args.rounds} rounds x 2 reps, 2 threads; {report['date']}. Command: python benchmarks/speed_plans.py "
-              f"--model {args.model} --tasks {args.tasks}"]
+              f"--model {args.model} --tasks {args.tasks}{' --nonnative' if args.nonnative else ''}"]
     write_report(args.out, f"speed_{args.model}", report, lines)
 
 
