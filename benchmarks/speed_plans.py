@@ -18,7 +18,7 @@ from the f16 base (llama-perplexity --kl-divergence, ctx 512, --chunks), and tas
 task data (GSM8K test solutions; HumanEval prompts with their reference code for --tasks code). The TASA runs share one work dir (mix and profile
 are measured once).
 
-Usage: python benchmarks/speed_plans.py [--model smollm2-135m] [--tasks gsm8k,arc] [--chunks 8] [--rounds 3]
+Usage: python benchmarks/speed_plans.py [--model smollm2-135m] [--tasks gsm8k,arc] [--chunks 32] [--rounds 3]
        [--slowdowns 1.0,1.05] [--nonnative] [--work DIR]
 Run alone on an idle machine.
 """
@@ -94,36 +94,18 @@ def nonnative_file(args, tasks, size: int, work: Path) -> tuple[Path, dict]:
     return path, {"stage_seconds": summary["stage_seconds"], "dropped_exact_pairs": dropped}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", default="gsm8k,arc")
-    parser.add_argument("--chunks", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--slowdowns", default="1.0,1.05", help="--max-slowdown of each speed-aware row")
-    parser.add_argument("--nonnative", action="store_true", help="add the tasa-gguf-q3_k_m-size-nonnative row")
-    parser.add_argument("--work", type=Path, default=None, help="keep files here (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    from tasa_deploy import UsageError
+def build_files(args, tasks: tuple[str, ...], work: Path) -> tuple[Path, dict, dict]:
+    """The F16 base, llama.cpp's presets and the TASA rows' GGUFs (GPTQ runs sharing one work dir's mix and
+    profile); returns (base, name -> file, name -> TASA stage seconds)."""
     from tasa_deploy.api import export
-    from tasa_deploy.data import shared_data_dir
-    from tasa_deploy.exporters.gguf import export_dense_gguf, linear_bits_per_weight
-    from tasa_deploy.exporters.llamacpp import llama_bench, llama_kl_divergence, llama_perplexity, llama_quantize
+    from tasa_deploy.exporters.gguf import export_dense_gguf
+    from tasa_deploy.exporters.llamacpp import llama_quantize
     from tasa_deploy.model import load_model
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
-    if shared_data_dir() is None:
-        raise UsageError("WikiText-2 not found: set TASA_DATA_DIR")
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-    holder = None if args.work else tempfile.TemporaryDirectory(prefix="tasa-speed-plans-")
-    work = args.work or Path(holder.name)
-    work.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.model)
-    base = export_dense_gguf(loaded.model_dir, work / "f16.gguf", force=True)
-    files = {}
-    for preset in ("q3_k_m", "q4_k_m"):
-        files[f"llamacpp-{preset}"] = llama_quantize(base, work / f"{preset}.gguf", preset.upper(), embedding_type="f16")
+    base = export_dense_gguf(load_model(args.model).model_dir, work / "f16.gguf", force=True)
+    files = {f"llamacpp-{preset}": llama_quantize(base, work / f"{preset}.gguf", preset.upper(), embedding_type="f16")
+             for preset in ("q3_k_m", "q4_k_m")}
     size = files["llamacpp-q3_k_m"].stat().st_size
     seconds = {}
     variants = [("tasa-gguf-q3_k_m-size", 0.0)] + [
@@ -136,17 +118,26 @@ def main() -> None:
         seconds[name] = summary["stage_seconds"]
         files[name] = export(work / name, work / f"{name}.gguf", format="gguf", force=True).path
     if args.nonnative:
-        files["tasa-gguf-q3_k_m-size-nonnative"], seconds["tasa-gguf-q3_k_m-size-nonnative"] = \
-            nonnative_file(args, tasks, size, work)
+        name = "tasa-gguf-q3_k_m-size-nonnative"
+        files[name], seconds[name] = nonnative_file(args, tasks, size, work)
+    return base, files, seconds
+
+
+def measure_rows(files: dict, base: Path, task_file: Path, chunks: int, rounds: int) -> dict:
+    """Per file: size, bpw, llama-perplexity ppl and KL (wiki, tasks), llama-bench speeds; then each row's speed
+    and KL against Q3_K_M's (the KL paired over the same chunks)."""
+    from tasa_deploy.data import shared_data_dir
+    from tasa_deploy.exporters.gguf import linear_bits_per_weight
+    from tasa_deploy.exporters.llamacpp import llama_bench, llama_kl_divergence, llama_perplexity
+
     wiki = shared_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
-    task_file = task_text(tasks, work / "tasks.txt")
     rows = {name: {"name": name, "file_bytes": path.stat().st_size, "linear_bpw": linear_bits_per_weight(path),
-                   "ppl_wikitext2": llama_perplexity(path, wiki, chunks=args.chunks),
-                   "kld_wikitext2": llama_kl_divergence(path, base, wiki, chunks=args.chunks),
-                   "kld_tasks": llama_kl_divergence(path, base, task_file, chunks=args.chunks)}
+                   "ppl_wikitext2": llama_perplexity(path, wiki, chunks=chunks),
+                   "kld_wikitext2": llama_kl_divergence(path, base, wiki, chunks=chunks),
+                   "kld_tasks": llama_kl_divergence(path, base, task_file, chunks=chunks)}
             for name, path in files.items()}
     speeds = {name: [] for name in files}
-    for _ in range(args.rounds):  # round-robin: machine drift hits every row alike
+    for _ in range(rounds):  # round-robin: machine drift hits every row alike
         for name, path in files.items():
             speeds[name].append(llama_bench(path, n_prompt=128, n_gen=64, threads=2, reps=2))
     for name, runs in speeds.items():
@@ -154,22 +145,67 @@ def main() -> None:
             values = [getattr(r, attr) for r in runs]
             rows[name][key] = statistics.mean(values)
             rows[name][f"{key}_se"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    reference = rows["llamacpp-q3_k_m"]["tg_tok_s"]
+    compare_to_reference(rows)
+    return rows
+
+
+def compare_to_reference(rows: dict, reference: str = "llamacpp-q3_k_m") -> None:
+    """Adds tg_vs_q3_k_m and kld_<text>_vs_q3_k_m: (mean, SE) of the row's KL minus the reference's, paired
+    over the chunks both were scored on."""
+    from tasa_deploy.stats import paired_ratio_delta
+
+    ref = rows[reference]
     for row in rows.values():
-        row["tg_vs_q3_k_m"] = row["tg_tok_s"] / reference
+        row["tg_vs_q3_k_m"] = row["tg_tok_s"] / ref["tg_tok_s"]
+        for text in ("wikitext2", "tasks"):
+            chunks = row[f"kld_{text}"]["chunk_kld"]
+            row[f"kld_{text}_vs_q3_k_m"] = paired_ratio_delta(ref[f"kld_{text}"]["chunk_kld"], chunks,
+                                                              [1.0] * len(chunks))
+
+
+def table_lines(rows: dict, what: str, chunks: int, rounds: int, command: str) -> list[str]:
+    lines = ["| name | file bytes | linear bpw | tg tok/s | pp tok/s | tg / Q3_K_M | WikiText-2 ppl | KL wiki | KL tasks "
+             "| KL wiki - Q3_K_M's | KL tasks - Q3_K_M's |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        kl = [f"{r[k]['kld']:.4f} ± {r[k]['kld_se']:.4f}" for k in ("kld_wikitext2", "kld_tasks")]
+        paired = ["{:+.4f} ± {:.4f}".format(*r[f"kld_{t}_vs_q3_k_m"]) for t in ("wikitext2", "tasks")]
+        lines.append(f"| {r['name']} | {r['file_bytes']:,} | {r['linear_bpw']:.3f} | {r['tg_tok_s']:.1f} ± "
+                     f"{r['tg_tok_s_se']:.1f} | {r['pp_tok_s']:.0f} ± {r['pp_tok_s_se']:.0f} | {r['tg_vs_q3_k_m']:.3f} | "
+                     f"{r['ppl_wikitext2']:.3f} | " + " | ".join(kl + paired) + " |")
+    return lines + ["", f"{what}; ctx 512 x {chunks} chunks (KL minus Q3_K_M's: mean ± SE paired over these chunks, "
+                        f"n = {chunks}); llama-bench pp128/tg64, {rounds} rounds x 2 reps, 2 threads; "
+                        f"{datetime.date.today().isoformat()}. Command: {command}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="gsm8k,arc")
+    parser.add_argument("--chunks", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slowdowns", default="1.0,1.05", help="--max-slowdown of each speed-aware row")
+    parser.add_argument("--nonnative", action="store_true", help="add the tasa-gguf-q3_k_m-size-nonnative row")
+    parser.add_argument("--work", type=Path, default=None, help="keep files here (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    from tasa_deploy import UsageError
+    from tasa_deploy.data import shared_data_dir
+
+    if shared_data_dir() is None:
+        raise UsageError("WikiText-2 not found: set TASA_DATA_DIR")
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    holder = None if args.work else tempfile.TemporaryDirectory(prefix="tasa-speed-plans-")
+    work = args.work or Path(holder.name)
+    work.mkdir(parents=True, exist_ok=True)
+    base, files, seconds = build_files(args, tasks, work)
+    size = files["llamacpp-q3_k_m"].stat().st_size
+    rows = measure_rows(files, base, task_text(tasks, work / "tasks.txt"), args.chunks, args.rounds)
     report = {"date": datetime.date.today().isoformat(), "machine": machine(), "model": args.model, "tasks": tasks,
               "chunks": args.chunks, "rounds": args.rounds, "q3_k_m_bytes": size, "tasa_stage_seconds": seconds,
               "rows": list(rows.values())}
-    lines = ["| name | file bytes | linear bpw | tg tok/s | pp tok/s | tg / Q3_K_M | WikiText-2 ppl | KL wiki | KL tasks |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows.values():
-        lines.append(f"| {r['name']} | {r['file_bytes']:,} | {r['linear_bpw']:.3f} | {r['tg_tok_s']:.1f} ± "
-                     f"{r['tg_tok_s_se']:.1f} | {r['pp_tok_s']:.0f} ± {r['pp_tok_s_se']:.0f} | {r['tg_vs_q3_k_m']:.3f} | "
-                     f"{r['ppl_wikitext2']:.3f} | {r['kld_wikitext2']['kld']:.4f} ± {r['kld_wikitext2']['kld_se']:.4f} | "
-                     f"{r['kld_tasks']['kld']:.4f} ± {r['kld_tasks']['kld_se']:.4f} |")
-    lines += ["", f"{args.model}; tasks {','.join(tasks)}; ctx 512 x {args.chunks} chunks; llama-bench pp128/tg64, "
-              f"{args.rounds} rounds x 2 reps, 2 threads; {report['date']}. Command: python benchmarks/speed_plans.py "
-              f"--model {args.model} --tasks {args.tasks}{' --nonnative' if args.nonnative else ''}"]
+    command = (f"python benchmarks/speed_plans.py --model {args.model} --tasks {args.tasks}"
+               f"{' --nonnative' if args.nonnative else ''}")
+    lines = table_lines(rows, f"{args.model}; tasks {','.join(tasks)}", args.chunks, args.rounds, command)
     write_report(args.out, f"speed_{args.model}", report, lines)
 
 

@@ -116,7 +116,8 @@ def llama_perplexity(model: Path, text_file: Path, *, ctx: int = 512, chunks: in
 def llama_kl_divergence(model: Path, base: Path, text_file: Path, *, ctx: int = 512, chunks: int = 4,
                         threads: int = 2, work_dir: Path | None = None) -> dict:
     """llama-perplexity's own KL divergence of `model` from `base` on `text_file` (its protocol: windows of
-    `ctx`, second half scored): {"kld", "kld_se", "top1", "top1_se"} (top-1 agreement as a fraction). The
+    `ctx`, second half scored): {"kld", "kld_se", "top1", "top1_se", "chunk_kld"} (top-1 agreement as a
+    fraction; chunk_kld: each chunk's mean KL, for comparisons of two models paired over the same chunks). The
     base logits go through a temporary `--kl-divergence-base` file, removed afterwards."""
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         logits = Path(tmp) / "base.kld"
@@ -129,7 +130,19 @@ def llama_kl_divergence(model: Path, base: Path, text_file: Path, *, ctx: int = 
     if kld is None or top is None:
         raise TasaError(f"llama-perplexity printed no KL divergence statistics for {model}")
     return {"kld": float(kld.group(1)), "kld_se": float(kld.group(2)),
-            "top1": float(top.group(1)) / 100, "top1_se": float(top.group(2)) / 100}
+            "top1": float(top.group(1)) / 100, "top1_se": float(top.group(2)) / 100,
+            "chunk_kld": chunk_means(output)}
+
+
+_CHUNK_ROW = re.compile(r"^\s*(\d+)\s+\S+\s+±\s+\S+\s+\S+\s+±\s+\S+\s+(-?[0-9.]+)\s+±", re.MULTILINE)
+
+
+def chunk_means(output: str) -> list[float]:
+    """Per-chunk mean KL from llama-perplexity's progress table, which prints the running mean after each chunk
+    (5 decimals); every chunk scores the same number of tokens, so chunk i's mean is i * m_i - (i - 1) * m_(i-1)
+    (rounding error below 1e-5 * i)."""
+    running = [float(m.group(2)) for m in _CHUNK_ROW.finditer(output)]
+    return [i * m - (i - 1) * previous for i, (m, previous) in enumerate(zip(running, [0.0, *running]), start=1)]
 
 
 def llama_tokenize(model: Path, text: str) -> list[int]:

@@ -118,6 +118,9 @@ def test_llamacpp_kl_divergence_matches_pytorch(smollm2, smol_artifact, smol_ggu
     assert 0.005 < torch_kl.kld < 1.0  # quantized, not broken
     assert abs(ours["kld"] - torch_kl.kld) < 0.05 * torch_kl.kld + 2 * ours["kld_se"], (ours, torch_kl)
     assert abs(ours["top1"] - torch_kl.top1) < 0.03 + 2 * ours["top1_se"], (ours, torch_kl)
+    chunks = ours["chunk_kld"]  # per-chunk means recovered from the running means: they average to the total
+    assert len(chunks) == CHUNKS and min(chunks) > 0 and len(set(chunks)) == CHUNKS
+    assert abs(sum(chunks) / CHUNKS - ours["kld"]) < 1e-4 * CHUNKS, (chunks, ours)
 
 
 def test_llamacpp_generates_coherent_text(smol_gguf):
