@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: the machine description each result JSON records, and the `__main__`
-wrapper that turns a bad-input UsageError into one line on stderr and exit code 2 (as the CLI does)."""
+"""What the benchmark scripts share: the machine description each result JSON records, the `__main__`
+wrapper that turns a bad-input UsageError into one line on stderr and exit code 2 (as the CLI does), and the
+native-grid control (`nonnative_quantize`) of the GGUF-target rows."""
 
 from __future__ import annotations
 
@@ -40,3 +41,41 @@ def run_main(main: Callable[[], object]) -> None:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def nonnative_profile(profile):
+    """The profile without the (unit, GGML type) pairs that reproduce the base's weights exactly: zero predicted
+    error for every objective where another candidate of the same unit errs (tr(dW H dW^T) = 0 only for dW = 0).
+    Every embedded model was dequantized from a GGUF, so some types are free there (SmolLM2's q4_1, Qwen's q5_0);
+    a user starting from bf16 has no such tensors. Returns (profile, {type: units dropped})."""
+    import dataclasses
+
+    units, dropped = [], {}
+    for unit in profile.units:
+        erring = any(v > 0 for errs in unit.errors.values() for v in errs.values())
+        exact = [k for k, errs in unit.errors.items() if erring and all(v == 0 for v in errs.values())]
+        for key in exact:
+            dropped[key] = dropped.get(key, 0) + 1
+        units.append(dataclasses.replace(unit, errors={k: v for k, v in unit.errors.items() if k not in exact}))
+    return dataclasses.replace(profile, units=tuple(units)), dropped
+
+
+def nonnative_quantize(request, shared_work: Path) -> dict:
+    """Run a --target gguf TASA `request` (its own work_dir) on shared_work's mix and profile minus the exact
+    pairs (`nonnative_profile`): plan, then GPTQ with that plan. Returns stage seconds and the dropped pairs."""
+    import dataclasses
+    import shutil
+
+    from tasa_deploy.artifacts import SensitivityProfile
+    from tasa_deploy.model import load_model
+    from tasa_deploy.pipeline import run_quantize, stage_plan
+
+    own = request.resolved_work_dir
+    own.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(shared_work / "mix.json", own / "mix.json")
+    profile, dropped = nonnative_profile(SensitivityProfile.load(shared_work / "profile.json"))
+    print(f"{request.out.name}: planning without the exact (unit, type) pairs {dropped}", file=sys.stderr)
+    stage_plan(profile, request, own, load_model(request.model), log=lambda m: print(m, file=sys.stderr))
+    planned = dataclasses.replace(request, plan_path=own / "tasa_plan.json", size=None, max_slowdown=None)
+    _, summary = run_quantize(planned, log=lambda m: print(m, file=sys.stderr))
+    return {"stage_seconds": summary["stage_seconds"], "dropped_exact_pairs": dropped}

@@ -1,7 +1,7 @@
 """How each row of the quality tables is built (benchmarks/quality.py, quality_qwen.py): our artifacts through
 `run_quantize` (uniform RTN/GPTQ, TASA budgets and ablations sharing one work dir), llama-quantize presets from
 an F16 GGUF of the base (with and without an imatrix from the same calibration mixture), and GGUF-target TASA at
-Q3_K_M's bits per weight. Every build is cached under the table's root; `build_row` returns the row's model
+Q3_K_M's bits per weight (and its -nonnative control). Every build is cached under the table's root; `build_row` returns the row's model
 (artifact dir, GGUF file, or None for `fp`) and its build info.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench_common import nonnative_quantize
 from tasa_deploy.artifacts import read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -28,20 +29,25 @@ ALPHA_ABLATIONS = {"tasa-3.5-taskonly": 0.0, "tasa-3.5-generalonly": 1.0}  # alp
 def quantize_request(name: str, model: str, quant: QuantSettings, root: Path, **fields):
     from tasa_deploy.pipeline import QuantizeRequest
 
-    return QuantizeRequest(model=model, out=root / "artifacts" / quant.tasa_name(name), candidates=TASA_CANDIDATES,
+    candidates = TASA_CANDIDATES if fields.get("target", "vllm") == "vllm" else None  # GGUF: every 3..8-bit type
+    return QuantizeRequest(model=model, out=root / "artifacts" / quant.tasa_name(name), candidates=candidates,
                            **{**asdict(quant), "tasks": tuple(quant.tasks)}, **fields)
 
 
-def run_request(request) -> dict:
-    """Quantize (or reuse the finished artifact); returns the pipeline's stage seconds."""
+def run_request(request, nonnative_from: Path | None = None) -> dict:
+    """Quantize (or reuse the finished artifact); returns the pipeline's stage seconds. With nonnative_from (a
+    work dir with mix.json and profile.json), plan on that profile minus the base's exact grids first."""
     from tasa_deploy.pipeline import run_quantize
 
     seconds_file = request.out.with_name(request.out.name + ".stage_seconds.json")
     if (request.out / "quantized.json").is_file():
         return read_json(seconds_file, "stage seconds") if seconds_file.is_file() else {}
-    _, summary = run_quantize(request, log=lambda m: print(f"  {m}", file=sys.stderr))
-    write_json_atomic(seconds_file, summary["stage_seconds"], foreign_ok=True)
-    return summary["stage_seconds"]
+    if nonnative_from is not None:
+        seconds = nonnative_quantize(request, nonnative_from)
+    else:
+        seconds = run_quantize(request, log=lambda m: print(f"  {m}", file=sys.stderr))[1]["stage_seconds"]
+    write_json_atomic(seconds_file, seconds, foreign_ok=True)
+    return seconds
 
 
 def shared_work_dir(model: str, quant: QuantSettings, root: Path) -> Path:
@@ -175,8 +181,14 @@ def build_tasa_gguf_row(name: str, model: str, quant: QuantSettings, root: Path)
     mix_file = shared_work_dir(model, quant, root) / "mix.json"  # same mixture as every TASA row
     if not (work / "mix.json").is_file():
         shutil.copy2(mix_file, work / "mix.json")
-    request = quantize_request(name, model, quant, root, bits=budget, target="gguf", work_dir=work)
-    stage_seconds = run_request(request)
+    if name.endswith("-nonnative"):  # the same budget and mix, planned without the base's exact grids
+        build_tasa_gguf_row(name.removesuffix("-nonnative"), model, quant, root)  # its profile is the shared one
+        request = quantize_request(name, model, quant, root, bits=budget, target="gguf",
+                                   work_dir=root / quant.tasa_name(f"work-{name}"))
+        stage_seconds = run_request(request, nonnative_from=work)
+    else:
+        request = quantize_request(name, model, quant, root, bits=budget, target="gguf", work_dir=work)
+        stage_seconds = run_request(request)
     out = root / "gguf" / f"{name}.gguf"
     if not out.is_file():
         export_gguf(request.out, out)
@@ -191,6 +203,6 @@ def build_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[
         return None, {"bpw": 16.0, "build_seconds": 0.0, "note": "dequantized base; bpw of an f16 file"}
     if name.startswith("llamacpp-"):
         return build_gguf_row(name, model, quant, root)
-    if name == "tasa-gguf-q3_k_m-size":
+    if name.startswith("tasa-gguf-q3_k_m-size"):
         return build_tasa_gguf_row(name, model, quant, root)
     return build_our_row(name, model, quant, root)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import machine, run_main, write_report  # noqa: E402
+from bench_common import machine, nonnative_quantize, run_main, write_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,44 +54,16 @@ def task_text(tasks: tuple[str, ...], path: Path, limit: int = 400) -> Path:
     return path
 
 
-def nonnative_profile(profile):
-    """The profile without the (unit, GGML type) pairs that reproduce the base's weights exactly: zero predicted
-    error for every objective where another candidate of the same unit errs (tr(dW H dW^T) = 0 only for dW = 0)."""
-    import dataclasses
-
-    units, dropped = [], {}
-    for unit in profile.units:
-        erring = any(v > 0 for errs in unit.errors.values() for v in errs.values())
-        exact = [k for k, errs in unit.errors.items() if erring and all(v == 0 for v in errs.values())]
-        for key in exact:
-            dropped[key] = dropped.get(key, 0) + 1
-        units.append(dataclasses.replace(unit, errors={k: v for k, v in unit.errors.items() if k not in exact}))
-    return dataclasses.replace(profile, units=tuple(units)), dropped
-
-
 def nonnative_file(args, tasks, size: int, work: Path) -> tuple[Path, dict]:
-    """tasa-gguf-q3_k_m-size-nonnative: plan from the shared profile minus its exact pairs, GPTQ with the shared mix."""
-    import shutil
-
+    """tasa-gguf-q3_k_m-size-nonnative: the speed-blind request, planned without the native grid."""
     from tasa_deploy.api import export
-    from tasa_deploy.artifacts import SensitivityProfile
-    from tasa_deploy.model import load_model
-    from tasa_deploy.pipeline import QuantizeRequest, run_quantize, stage_plan
+    from tasa_deploy.pipeline import QuantizeRequest
 
-    name, shared = "tasa-gguf-q3_k_m-size-nonnative", work / "tasa.work"
-    own = work / f"{name}.work"
-    own.mkdir(exist_ok=True)
-    shutil.copy2(shared / "mix.json", own / "mix.json")
-    profile, dropped = nonnative_profile(SensitivityProfile.load(shared / "profile.json"))
-    print(f"{name}: dropped exact (unit, type) pairs {dropped}", file=sys.stderr)
+    name = "tasa-gguf-q3_k_m-size-nonnative"
     request = QuantizeRequest(model=args.model, out=work / name, target="gguf", size=f"{size}B", tasks=tasks,
-                              max_slowdown=0.0, work_dir=own, force=True)
-    stage_plan(profile, request, own, load_model(args.model), log=lambda m: print(m, file=sys.stderr))
-    request = QuantizeRequest(model=args.model, out=work / name, target="gguf", tasks=tasks,
-                              plan_path=own / "tasa_plan.json", work_dir=own, force=True)
-    _, summary = run_quantize(request, log=lambda m: print(m, file=sys.stderr))
-    path = export(work / name, work / f"{name}.gguf", format="gguf", force=True).path
-    return path, {"stage_seconds": summary["stage_seconds"], "dropped_exact_pairs": dropped}
+                              max_slowdown=0.0, work_dir=work / f"{name}.work", force=True)
+    summary = nonnative_quantize(request, work / "tasa.work")
+    return export(work / name, work / f"{name}.gguf", format="gguf", force=True).path, summary
 
 
 def build_files(args, tasks: tuple[str, ...], work: Path) -> tuple[Path, dict, dict]:
