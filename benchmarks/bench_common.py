@@ -75,7 +75,8 @@ def nonnative_quantize(request, shared_work: Path) -> dict:
     shutil.copy2(shared_work / "mix.json", own / "mix.json")
     profile, dropped = nonnative_profile(SensitivityProfile.load(shared_work / "profile.json"))
     print(f"{request.out.name}: planning without the exact (unit, type) pairs {dropped}", file=sys.stderr)
-    stage_plan(profile, request, own, load_model(request.model), log=lambda m: print(m, file=sys.stderr))
+    loaded = load_model(request.model)
+    stage_plan(profile, request, own, loaded, log=lambda m: print(m, file=sys.stderr))
     planned = dataclasses.replace(request, plan_path=own / "tasa_plan.json", size=None, max_slowdown=None)
-    _, summary = run_quantize(planned, log=lambda m: print(m, file=sys.stderr))
+    _, summary = run_quantize(planned, log=lambda m: print(m, file=sys.stderr), loaded=loaded)  # GPTQ: in place
     return {"stage_seconds": summary["stage_seconds"], "dropped_exact_pairs": dropped}

@@ -99,19 +99,17 @@ def dense_gguf(loaded, path: Path) -> Path:
     """An F16 GGUF of a loaded model's (dequantized) weights, made once, for llama-server to generate the fp and
     int-grid rows from. The weights are the row's own up to f16 rounding; ppl and KL stay in PyTorch on the exact
     weights."""
-    import shutil
     import tempfile
 
     from tasa_deploy.exporters.gguf import export_dense_gguf
+    from tasa_deploy.model import save_plain_checkpoint
 
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dense-", dir=path.parent) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
-        for extra in Path(loaded.model_dir).iterdir():  # tokenizer and generation files the GGUF writer reads
-            if extra.is_file() and extra.suffix != ".safetensors" and not (Path(tmp) / extra.name).exists():
-                shutil.copy2(extra, Path(tmp) / extra.name)
+        save_plain_checkpoint(loaded.model, Path(tmp))
+        loaded.tokenizer.save_pretrained(tmp)
         export_dense_gguf(Path(tmp), path, dtype="f16", force=True)
     return path
 

@@ -54,12 +54,11 @@ def task_text(tasks: tuple[str, ...], path: Path, limit: int = 400) -> Path:
     return path
 
 
-def nonnative_file(args, tasks, size: int, work: Path) -> tuple[Path, dict]:
-    """tasa-gguf-q3_k_m-size-nonnative: the speed-blind request, planned without the native grid."""
+def nonnative_file(name: str, args, tasks, size: int, work: Path) -> tuple[Path, dict]:
+    """The speed-blind request, planned without the native grid."""
     from tasa_deploy.api import export
     from tasa_deploy.pipeline import QuantizeRequest
 
-    name = "tasa-gguf-q3_k_m-size-nonnative"
     request = QuantizeRequest(model=args.model, out=work / name, target="gguf", size=f"{size}B", tasks=tasks,
                               max_slowdown=0.0, work_dir=work / f"{name}.work", force=True)
     summary = nonnative_quantize(request, work / "tasa.work")
@@ -72,10 +71,10 @@ def build_files(args, tasks: tuple[str, ...], work: Path) -> tuple[Path, dict, d
     from tasa_deploy.api import export
     from tasa_deploy.exporters.gguf import export_dense_gguf
     from tasa_deploy.exporters.llamacpp import llama_quantize
-    from tasa_deploy.model import load_model
+    from tasa_deploy.model import resolve_model_dir
     from tasa_deploy.pipeline import QuantizeRequest, run_quantize
 
-    base = export_dense_gguf(load_model(args.model).model_dir, work / "f16.gguf", force=True)
+    base = export_dense_gguf(Path(resolve_model_dir(args.model)), work / "f16.gguf", force=True)
     files = {f"llamacpp-{preset}": llama_quantize(base, work / f"{preset}.gguf", preset.upper(), embedding_type="f16")
              for preset in ("q3_k_m", "q4_k_m")}
     size = files["llamacpp-q3_k_m"].stat().st_size
@@ -91,7 +90,7 @@ def build_files(args, tasks: tuple[str, ...], work: Path) -> tuple[Path, dict, d
         files[name] = export(work / name, work / f"{name}.gguf", format="gguf", force=True).path
     if args.nonnative:
         name = "tasa-gguf-q3_k_m-size-nonnative"
-        files[name], seconds[name] = nonnative_file(args, tasks, size, work)
+        files[name], seconds[name] = nonnative_file(name, args, tasks, size, work)
     return base, files, seconds
 
 

@@ -49,10 +49,12 @@ CandidatesOption = Annotated[Optional[str], typer.Option(
 
 
 def candidates_arg(value: str | None) -> tuple[int | str, ...] | None:
-    """'3,4,8' -> (3, 4, 8); 'q4_k,6' -> ('q4_k', 6); None/'' -> None (the target's default)."""
-    if not value:
-        return None
-    return tuple(int(v) if v.isdigit() else v.lower() for v in csv(value))
+    """'3,4,8' -> (3, 4, 8); 'Q4_K,6' -> ('q4_k', 6); None/'' -> None (the target's default)."""
+    from tasa_deploy.plan import candidate_values
+
+    return candidate_values(csv(value)) if value else None
+
+
 ObjectiveLossOption = Annotated[str, typer.Option(
     "--objective-loss", help="How the profile scores prose and each task: kl (KL divergence from the unquantized "
                              "model on the scored tokens; far less noisy) or nll (the tokens' NLL).")]

@@ -156,13 +156,13 @@ def _dequantized_gguf_dir(gguf_path: Path) -> Path:
     tmp = cached.with_name(cached.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _save_plain_checkpoint(model, tmp)
+    save_plain_checkpoint(model, tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, cached)
     return cached
 
 
-def _save_plain_checkpoint(model: nn.Module, out_dir: Path) -> None:
+def save_plain_checkpoint(model: nn.Module, out_dir: Path) -> None:
     """config.json + model.safetensors (transformers refuses save_pretrained on a GGUF-loaded model)."""
     from safetensors.torch import save_file
 

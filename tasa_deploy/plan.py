@@ -51,6 +51,11 @@ def default_candidates(target: str) -> tuple[int, ...]:
     return DEFAULT_GGUF_BITS if target == "gguf" else DEFAULT_BITS
 
 
+def candidate_values(values: Iterable[int | str]) -> tuple[int | str, ...]:
+    """Candidates as typed or stored ("3", 3, "Q4_K") -> widths as ints, GGML type names lower-case."""
+    return tuple(int(v) if isinstance(v, int) or str(v).isdigit() else str(v).lower() for v in values)
+
+
 # ----------------------------------------------------------------------------------------- normalize + MOA
 def select_objectives(profile: SensitivityProfile, objectives: Sequence[str] | None) -> tuple[str, ...]:
     """The objectives to plan for (default: all of the profile's); unknown or none is a UsageError."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from tasa_deploy import UsageError
 from tasa_deploy.device import resolve_device, resolve_dtype
 from tasa_deploy.objectives import KL_PREFIX
-from tasa_deploy.plan import check_budget_args, default_candidates
+from tasa_deploy.plan import candidate_values, check_budget_args, default_candidates
 from tasa_deploy.quant.spec import INT_GROUP_SIZES, QuantSpec
 from tasa_deploy.sizes import parse_size
 from tasa_deploy.tasks import TASKS, get_task, register_task_data
@@ -122,9 +122,7 @@ class QuantizeRequest:
     def _check_candidates(self) -> None:
         if self.candidates is None:
             return
-        # a recipe or stored plan gives "3" or 3; keep widths as ints and type names lower-case
-        object.__setattr__(self, "candidates", tuple(int(c) if isinstance(c, int) or str(c).isdigit()
-                                                     else str(c).lower() for c in self.candidates))
+        object.__setattr__(self, "candidates", candidate_values(self.candidates))  # a recipe may give "3"
         names = [c for c in self.candidates if isinstance(c, str)]
         if not self.candidates or any(not 2 <= c <= 8 for c in self.candidates if not isinstance(c, str)):
             raise UsageError(f"candidate widths must be in 2..8, got {self.candidates}")
