@@ -12,7 +12,7 @@ import torch
 
 from test_profile import WORDS, make_tiny
 from tasa_deploy import UsageError
-from tasa_deploy.eval.kld import kl_on_rows, kl_on_text
+from tasa_deploy.eval.kld import ReferenceStates, kl_on_rows, kl_on_text
 from tasa_deploy.model import quantizable_modules
 from tasa_deploy.quant.rtn import quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec
@@ -80,3 +80,29 @@ def test_kl_on_rows_scores_the_answer_tokens(models):
     assert result.n == 2 and result.tokens == sum(counts)
     with pytest.raises(UsageError, match="cannot score KL"):
         kl_on_rows(quantized, model, tokenizer, [{"text": "a b c"}])
+
+
+def test_reference_states_run_the_reference_once_and_change_nothing(models):
+    """Scoring twice against one ReferenceStates gives the plain reference's figures exactly, and the second
+    scoring runs no reference forward pass."""
+    model, quantized, tokenizer = models
+    rng = random.Random(1)
+    text = " ".join(rng.choice(WORDS) for _ in range(120))
+    rows = [{"question": "one plus two ?", "answer": "three apples"}, {"question": "how many ?", "answer": "five"}]
+
+    def score(reference):
+        return (kl_on_text(quantized, reference, tokenizer, text, seq_len=SEQ, max_windows=3),
+                kl_on_rows(quantized, reference, tokenizer, rows))
+
+    plain = score(model)
+    calls = []
+    hook = model.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        cached = ReferenceStates(model)
+        first = score(cached)
+        first_passes = len(calls)
+        second = score(cached)
+    finally:
+        hook.remove()
+    assert first == plain and second == plain and plain[0].kld > 1e-3
+    assert first_passes >= 4 and len(calls) == first_passes  # 3 windows + >= 1 row batch, then none
