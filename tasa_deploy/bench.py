@@ -89,6 +89,7 @@ def run_tasks(url: str, tokenizer, tasks: tuple[str, ...], limit: int | None, pa
     from tasa_deploy.eval.code import code_job
     from tasa_deploy.eval.generate import prompt_ids
     from tasa_deploy.eval.gsm8k import gsm8k_job
+    from tasa_deploy.eval.perplexity import track
 
     unknown = [t for t in tasks if t not in BENCH_TASKS]
     if unknown:
@@ -99,7 +100,8 @@ def run_tasks(url: str, tokenizer, tasks: tuple[str, ...], limit: int | None, pa
         prompts = [prompt_ids(tokenizer, text, job.chat) for text in job.prompts]
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=parallel) as pool:
-            done = list(pool.map(lambda ids: complete(url, ids, job.max_new_tokens, stop=job.stops), prompts))
+            answers = pool.map(lambda ids: complete(url, ids, job.max_new_tokens, stop=job.stops), prompts)
+            done = list(track(answers, f"{task} on the server", total=len(prompts)))
         result = job.score([c.text for c in done])
         results[task] = {**(result.to_json() if hasattr(result, "to_json") else asdict(result)),
                          "seconds": round(time.perf_counter() - start, 1)}
