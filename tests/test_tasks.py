@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,22 @@ def test_code_task_probe_and_objective_use_mbpp(calibration_data, smollm2):
     calib, probe_rows = data.load_rows("mbpp", "calib"), data.load_rows("mbpp", "probe")
     assert (len(calib), len(probe_rows)) == (250, 249)  # 500 problems, one stated twice
     assert not {r["prompt"] for r in calib} & {r["prompt"] for r in probe_rows}
+
+
+def test_mbpp_jsonl_twin_is_a_valid_user_task(tmp_path, calibration_data):
+    """benchmarks/mbpp_jsonl.py writes the `--task-data` twin of the built-in code task (the Qwen run's input):
+    its rows are the built-in MBPP rows, and they load as a user task with disjoint splits."""
+    out = tmp_path / "mbpp_part.jsonl"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mbpp_jsonl.py"
+    run = subprocess.run([sys.executable, str(script), "--rows", "40", "--out", str(out)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    builtin = data.load_rows("mbpp", "calib") + data.load_rows("mbpp", "probe")
+    assert len(rows) == 40 and all(r in builtin for r in rows)
+    tasks.register_task_data(f"mbpp40={out}")
+    parts = {role: [r["prompt"] for r in data.load_rows("mbpp40", role)] for role in data.ROLES}
+    assert sum(map(len, parts.values())) == 40 and all(parts.values())
+    assert not (set(parts["calib"]) & set(parts["probe"]) or set(parts["probe"]) & set(parts["eval"]))
+    again = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr  # never replaces a file it cannot recognise
