@@ -4,7 +4,7 @@
     tasa-deploy quantize --model qwen2.5-coder-0.5b --bits 3.5 --task-data mine=/tmp/mbpp_part.jsonl \
         --tasks mine,gsm8k --out out/q35-mine
 
-Rows are `{"prompt", "answer", "tests"}` exactly as the built-in task builds them (`data.mbpp_row`), the first
+Rows are `{"prompt", "answer", "tests"}` exactly as the built-in task builds them (`data.mbpp_rows`), the first
 `--rows` distinct prompts of the 500 problems in file order. The file is written outside the repo: data is never
 committed. The tool then splits it into calibration / probe / eval rows by its own rule for user data, so the
 rows it calibrates and probes on are not the built-in task's.
@@ -21,17 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import run_main  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
-from tasa_deploy.data import _read_olmes_docs, mbpp_row  # noqa: E402
+from tasa_deploy.data import mbpp_rows  # noqa: E402
 from tasa_deploy.outputs import atomic_path  # noqa: E402
-
-
-def mbpp_rows(limit: int) -> list[dict]:
-    """The first `limit` MBPP rows with distinct prompts (MBPP states some problems twice)."""
-    first_of_prompt: dict[str, dict] = {}
-    for doc in _read_olmes_docs("codex_mbpp/gold_bpb_0shot"):
-        row = mbpp_row(doc)
-        first_of_prompt.setdefault(row["prompt"], row)
-    return list(first_of_prompt.values())[:limit]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -43,7 +34,7 @@ def main(argv: list[str] | None = None) -> Path:
         raise UsageError(f"--rows must be >= 1, got {args.rows}")
     if args.out.exists():  # a plain JSONL file carries no tasa-deploy tag, so it is never replaced
         raise UsageError(f"{args.out} already exists; remove it or choose another --out")
-    rows = mbpp_rows(args.rows)
+    rows = mbpp_rows()[:args.rows]
     with atomic_path(args.out) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     print(f"wrote {len(rows)} MBPP rows to {args.out}")

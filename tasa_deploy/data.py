@@ -243,12 +243,18 @@ def humaneval_row(doc: dict) -> dict:
             "tests": doc["test"] + f"\ncheck({doc['entry_point']})\n"}
 
 
-def _read_mbpp(role: str, path: str | None) -> list[dict]:
-    rows = [mbpp_row(d) for d in _read_olmes_docs("codex_mbpp/gold_bpb_0shot")]  # the 500 MBPP test problems
-    first_of_prompt = {}  # MBPP states one problem twice (two solutions): keep the first, so no prompt
-    for row in rows:      # is in both the calibration and the probe half
+def mbpp_rows() -> list[dict]:
+    """The 500 MBPP test problems as code rows, in file order, each prompt once: MBPP states one problem twice
+    (two solutions) and the first is kept, so no prompt is in both the calibration and the probe half."""
+    first_of_prompt: dict[str, dict] = {}
+    for doc in _read_olmes_docs("codex_mbpp/gold_bpb_0shot"):
+        row = mbpp_row(doc)
         first_of_prompt.setdefault(row["prompt"], row)
-    return _select(list(first_of_prompt.values()), role, HALVES, 2)
+    return list(first_of_prompt.values())
+
+
+def _read_mbpp(role: str, path: str | None) -> list[dict]:
+    return _select(mbpp_rows(), role, HALVES, 2)
 
 
 def _read_humaneval(role: str, path: str | None) -> list[dict]:

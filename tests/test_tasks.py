@@ -153,6 +153,7 @@ def test_mbpp_jsonl_twin_is_a_valid_user_task(tmp_path, calibration_data):
     tasks.register_task_data(f"mbpp40={out}")
     parts = {role: [r["prompt"] for r in data.load_rows("mbpp40", role)] for role in data.ROLES}
     assert sum(map(len, parts.values())) == 40 and all(parts.values())
-    assert not (set(parts["calib"]) & set(parts["probe"]) or set(parts["probe"]) & set(parts["eval"]))
+    calib, probe, held_out = map(set, (parts["calib"], parts["probe"], parts["eval"]))
+    assert not (calib & probe or probe & held_out or calib & held_out)
     again = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr  # never replaces a file it cannot recognise
