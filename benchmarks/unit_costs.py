@@ -2,8 +2,8 @@
 -> benchmarks/results/unit_costs/<model>/unit_costs.{json,md}
 
 The profile measures one number per (block, objective): the loss change with the WHOLE block RTN-quantized at
-the probe width. Every (unit, candidate width) cost the allocator sees is extrapolated from it by the
-tr(dW H dW^T) proxy (`tasa_deploy.profile`, module docstring). Here, for a sample of blocks, every unit
+the probe width. Every (unit, candidate width) cost the allocator sees is derived from it: split over the block's
+units by their block-output error, extrapolated to other widths by tr(dW H dW^T) (`tasa_deploy.units`). Here, for a sample of blocks, every unit
 (fused group: qkv, o, gate_up, down) is RTN-quantized ALONE at every candidate width and the objective change
 is measured with the same probe rows, the same cached block inputs and the same tail forwards as the profile
 (paired per-row deltas with standard errors). Reported per objective: Spearman's rho between proxy and

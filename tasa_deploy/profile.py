@@ -15,14 +15,20 @@ Method (TASA, arXiv 2607.00908, sensitivity analysis; RTN on purpose, as the pap
      `capture.linear_input_hooks` accumulates each objective's input Gram matrix H_k = X^T X / n over real
      (non-pad) tokens of its probe sequences, one per distinct linear input (q/k/v share one, gate/up share
      one). Layer l costs about (L - l) / L of a full forward.
-  4. Per-unit costs without more forwards (a measured loss for every (unit, width) is too slow on CPU):
-        E_k(u, c)       = sum over modules m in u of tr(dW_m H_k dW_m^T),  dW = W - RTN_c(W)   [output error]
-        error_k(u, c)   = shrunk_k(l) * E_k(u, c) / sum_{u' in l} E_k(u', probe spec)
-     i.e. the block's delta is split over its units in proportion to their Hessian-weighted output error and
-     extrapolated to other widths by the same error ratio. shrunk_k is `stats.shrink` of the objective's
-     block deltas with their standard errors (a noisy block moves toward the objective's mean instead of
-     being clipped; an all-noise objective becomes flat). tr(dW H dW^T) = sum(H * dW^T dW), so dW^T dW [K, K]
-     is formed once per (module, candidate) and shared by all objectives. Units and energies: `tasa_deploy.units`.
+  4. Per-unit costs without a tail forward per (unit, width) (too slow on CPU): for each unit u of block l,
+     RTN-quantize u ALONE at the probe width and run block l once more on its inputs h_l; B_k(u) is the
+     block-output error sum_t ||dy_t||^2 / ||y_t||^2 over objective k's real tokens (relative per token, as
+     the next block's RMSNorm sees it). Within a unit, widths are related by the output-error energy
+        E_k(u, c)       = sum over modules m in u of tr(dW_m H_k dW_m^T),  dW = W - RTN_c(W)
+        error_k(u, c)   = shrunk_k(l) * B_k(u) / sum_{u' in l} B_k(u') * E_k(u, c) / E_k(u, probe spec)
+     i.e. the block's measured delta is split over its units by their error in the residual stream they all
+     write to, and extrapolated to other widths of the same unit by the energy ratio. shrunk_k is
+     `stats.shrink` of the objective's block deltas with their standard errors (a noisy block moves toward the
+     objective's mean instead of being clipped; an all-noise objective becomes flat). tr(dW H dW^T) =
+     sum(H * dW^T dW), so dW^T dW [K, K] is formed once per (module, candidate) and shared by all objectives.
+     Splitting by E_k alone mispriced o/down 20-40x against measured single-unit costs
+     (benchmarks/unit_costs.py); the extra block passes cost (units per block) / ((L - l) + 1) of a layer.
+     Units, energies and shares: `tasa_deploy.units`.
 Units: target "vllm" -> one unit per fused group (model.FUSED_GROUPS: qkv, o, gate_up, down), named
 f"{block_prefix}.{group}", candidates int{b}g{default_group_size(K)} for b in `candidate_bits`;
 target "gguf" -> one unit per module (full HF name), candidates = GGML types its row fits (bits.gguf_candidates).
@@ -57,7 +63,7 @@ from tasa_deploy.objectives import (ProbeSet, RowLosses, get_objective, load_pro
                                     reduce_probe, scored_loss_sums, scored_states)
 from tasa_deploy.quant.rtn import fake_quantize_rtn
 from tasa_deploy.stats import SHRINKAGE_RULE, ratio_mean_se, shrink
-from tasa_deploy.units import UNIT_ERROR_PROXY, block_units, layer_unit_shares, probe_spec
+from tasa_deploy.units import UNIT_ERROR_PROXY, UnitLayout, block_units, layer_unit_shares, probe_spec
 
 PARTIAL_SCHEMA = "tasa-profile-partial/2"
 
@@ -177,6 +183,32 @@ def quantized_block_losses(model: nn.Module, layer: int, probe_bits: int, hidden
             _replace_weights(block, original)
 
 
+@torch.no_grad()
+def unit_output_errors(block: nn.Module, units: Sequence[UnitLayout], probe_bits: int,
+                       hidden: Sequence[BlockInputs], outputs: Sequence[BlockInputs],
+                       batches: Sequence[tuple[str, int]], probes: dict[str, ProbeSet]) -> list[dict[str, float]]:
+    """B_k(u) per unit (step 4): sum over objective k's real tokens of ||dy_t||^2 / ||y_t||^2, y = the block's
+    full-precision outputs, dy the change with only u's modules RTN-quantized at the probe width."""
+    linears = block_linears(block)
+    errors = []
+    with onloaded(block, hidden[0].hidden_states.device):
+        for unit in units:
+            spec = probe_spec(unit.in_features, probe_bits)
+            original = _replace_weights(block, {m: fake_quantize_rtn(linears[m].weight.data, spec)
+                                                for m in unit.modules})
+            try:
+                per = dict.fromkeys(probes, 0.0)
+                for inputs, reference, (name, index) in zip(hidden, outputs, batches, strict=True):
+                    mask = probes[name].batches[index].token_mask.to(reference.hidden_states.device)
+                    y = reference.hidden_states[mask].double()  # [n, H] real tokens
+                    dy = next_block_inputs(block, inputs).hidden_states[mask].double() - y
+                    per[name] += float((dy.pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(1e-30)).sum())
+            finally:
+                _replace_weights(block, original)
+            errors.append(per)
+    return errors
+
+
 def layer_record(layer: int, baseline: dict[str, dict], losses: dict[str, RowLosses], units: list[dict]) -> dict:
     """One block's JSON state: per objective its delta, standard error and per-row paired deltas."""
     record = {"layer": layer, "deltas": {}, "se": {}, "row_deltas": {}, "units": units}
@@ -255,10 +287,12 @@ def measure_layer(model: nn.Module, layer: int, state: dict, probes: dict[str, P
     """One block's experiment from its full-precision inputs: (its JSON record, the next block's inputs)."""
     settings, block = state["settings"], decoder_blocks(model)[layer]
     losses = quantized_block_losses(model, layer, settings["probe_bits"], hidden, batches, probes, references)
-    hidden, grams = advance_block(block, hidden, batches, probes)
+    outputs, grams = advance_block(block, hidden, batches, probes)
+    layout = block_units(model, layer, settings)
+    output_errors = unit_output_errors(block, layout, settings["probe_bits"], hidden, outputs, batches, probes)
     with onloaded(block, hidden[0].hidden_states.device):
-        units = layer_unit_shares(block, block_units(model, layer, settings), settings["probe_bits"], grams)
-    return layer_record(layer, state["baseline_rows"], losses, units), hidden
+        units = layer_unit_shares(block, layout, settings["probe_bits"], grams, output_errors)
+    return layer_record(layer, state["baseline_rows"], losses, units), outputs
 
 
 def _run_layers(model: nn.Module, state: dict, probes: dict[str, ProbeSet], path: Path, progress: bool,

@@ -1,9 +1,16 @@
-"""Allocation units and their Hessian-weighted output-error energies (step 4 of `tasa_deploy.profile`).
+"""Allocation units and the share of their block's measured delta each (unit, width) is charged (step 4 of
+`tasa_deploy.profile`).
 
 A unit is what the plan gives one width: a vLLM fused group (q/k/v, gate/up share a grid) or, for GGUF, one
-module. For each unit and candidate grid c, E_k(u, c) = sum over its modules of tr(dW H_k dW^T) with
-dW = W - RTN_c(W) and H_k the input second moment of objective k; `layer_unit_shares` turns them into the share
-of the block's measured delta each (unit, candidate) is charged. Kept apart from the forwards in profile.py.
+module. Two measurements price a unit, both from the profile's own forwards:
+  B_k(u)    = the block-OUTPUT error with only u RTN-quantized at the probe width (profile.unit_output_errors):
+              sum over objective k's real tokens of ||dy_t||^2 / ||y_t||^2, in the residual stream every unit
+              writes to, so units of different kinds (q/k/v, o, gate/up, down) are on one scale;
+  E_k(u, c) = sum over u's modules of tr(dW H_k dW^T), dW = W - RTN_c(W), H_k objective k's input second
+              moment: the module-OUTPUT error, used only for the ratio between widths of the same unit.
+share_k(u, c) = B_k(u) / sum_u' B_k(u') * E_k(u, c) / E_k(u, probe). Splitting the block by E_k alone (before
+2026-11-30) priced o/down 20-40x too low and gate/up 2x too high against single-unit measurements
+(benchmarks/unit_costs.py): their module outputs live in different spaces. Kept apart from the forwards.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from tasa_deploy.moments import SecondMoment
 from tasa_deploy.quant.rtn import fake_quantize_rtn
 from tasa_deploy.quant.spec import QuantSpec, default_group_size
 
-UNIT_ERROR_PROXY = "shrunk(layer_delta) * E(u,c) / sum_u' E(u',probe); E = tr(dW H_k dW^T)"
+UNIT_ERROR_PROXY = ("shrunk(layer_delta) * B(u) / sum_u' B(u') * E(u,c) / E(u,probe); "
+                    "B = sum_t |dy_t|^2/|y_t|^2 at the block output, u alone at the probe width; E = tr(dW H_k dW^T)")
 
 
 @dataclass(frozen=True)
@@ -97,16 +105,20 @@ def unit_energies(block: nn.Module, unit: UnitLayout, keys: Iterable[str],
 
 
 def layer_unit_shares(block: nn.Module, units: Sequence[UnitLayout], probe_bits: int,
-                      grams: dict[str, dict[str, SecondMoment]]) -> list[dict]:
-    """JSON-shaped unit rows of one block with `shares`: E_k(u, c) / sum_u' E_k(u', probe spec), the part of
-    the block's measured delta each (unit, candidate) is charged (see the module docstring)."""
+                      grams: dict[str, dict[str, SecondMoment]], output_errors: Sequence[dict[str, float]]) -> list[dict]:
+    """JSON-shaped unit rows of one block with `shares` (module docstring): output_errors[i][k] is B_k of units[i]."""
     probe_keys = [probe_spec(unit.in_features, probe_bits).key for unit in units]
     energies = [unit_energies(block, unit, (*unit.candidates, key), grams) for unit, key in zip(units, probe_keys)]
-    probe_total = {obj: sum(e[key][obj] for e, key in zip(energies, probe_keys)) for obj in grams}
+    block_total = {obj: sum(errors[obj] for errors in output_errors) for obj in grams}
     rows = []
-    for unit, energy in zip(units, energies):
-        shares = {key: {obj: energy[key][obj] / probe_total[obj] if probe_total[obj] > 0 else 0.0 for obj in grams}
-                  for key in unit.candidates}
+    for unit, energy, probe_key, errors in zip(units, energies, probe_keys, output_errors, strict=True):
+        def share(key: str, obj: str) -> float:
+            if block_total[obj] <= 0 or energy[probe_key][obj] <= 0:
+                return 0.0
+            return errors[obj] / block_total[obj] * energy[key][obj] / energy[probe_key][obj]
+
+        shares = {key: {obj: share(key, obj) for obj in grams} for key in unit.candidates}
         rows.append({"name": unit.name, "layer": unit.layer, "modules": [f"{unit.prefix}.{m}" for m in unit.modules],
-                     "n_weights": unit.n_weights, "in_features": unit.in_features, "shares": shares})
+                     "n_weights": unit.n_weights, "in_features": unit.in_features, "shares": shares,
+                     "output_errors": dict(errors)})
     return rows

@@ -2,7 +2,8 @@
 
 References: each objective's loss from plain full-model forwards (and, for the reducers, from one unbatched
 forward per sequence); each layer delta from a model whose block is RTN-quantized directly (no caching); the
-unit-error proxy from Gram matrices captured on a plain full-model forward.
+unit split from block outputs of plain forwards with one unit quantized, and the width ratio from Gram matrices
+captured on a plain full-model forward.
 """
 
 from __future__ import annotations
@@ -177,17 +178,56 @@ def test_vllm_units_tie_fused_groups_and_cover_every_module(tiny, profile):
         assert sorted(unit.errors) == sorted(f"int{b}g{group_size}" for b in (3, 4, 8))
 
 
-def test_unit_errors_split_the_layer_delta_by_gram_weighted_rtn_error(tiny, profile):
+def _block_outputs(model, layer: int, probe) -> list[torch.Tensor]:
+    """Block `layer`'s output hidden states [B, T, H] for each probe batch, from plain full-model forwards."""
+    seen = []
+    hook = decoder_blocks(model)[layer].register_forward_hook(
+        lambda _m, _a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach()))
+    try:
+        with torch.no_grad():
+            for batch in probe.batches:
+                model(input_ids=batch.tokens, use_cache=False)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_unit_errors_split_the_layer_delta_by_block_output_error(tiny, profile):
     """Probe-width errors sum to the block's shrunk delta (stats.shrink over the objective's blocks, with their
-    standard errors); ratios equal tr(dW H dW^T) from a plain forward's inputs."""
+    standard errors) and split it by each unit's relative block-output error, measured here with plain
+    full-model forwards of a copy whose unit alone is RTN-quantized."""
+    model, _, probes = tiny
+    layer, obj = 1, "math"
+    units = [u for u in profile.units if u.layer == layer]
+    shrunk = {k: shrink(profile.layer_deltas[k], profile.layer_se[k])[layer] for k in profile.objectives}
+    for k in profile.objectives:
+        probe_total = sum(u.errors[f"int3g{default_group_size(u.in_features)}"][k] for u in units)
+        assert probe_total == pytest.approx(shrunk[k], rel=1e-6, abs=1e-12)
+    assert shrunk[obj] > 0
+    reference = _block_outputs(model, layer, probes[obj])
+    direct = []
+    for unit in units:
+        quantized = copy.deepcopy(model)
+        with torch.no_grad():
+            for name in unit.modules:
+                linear = quantizable_modules(quantized)[name]
+                spec = QuantSpec(3, default_group_size(linear.in_features))
+                linear.weight.copy_(quantize_rtn(linear.weight, spec).dequantize(torch.float32))
+        error = 0.0
+        for batch, y, yq in zip(probes[obj].batches, reference, _block_outputs(quantized, layer, probes[obj])):
+            y, dy = y[batch.token_mask].double(), (yq - y)[batch.token_mask].double()
+            error += float((dy.pow(2).sum(-1) / y.pow(2).sum(-1)).sum())
+        direct.append(error)
+    for unit, error in zip(units, direct):
+        share = unit.errors[f"int3g{default_group_size(unit.in_features)}"][obj] / shrunk[obj]
+        assert share == pytest.approx(error / sum(direct), rel=1e-4)
+
+
+def test_unit_widths_are_related_by_gram_weighted_rtn_error(tiny, profile):
+    """Within a unit, the cost ratio between widths equals tr(dW H dW^T) from a plain forward's inputs."""
     model, _, probes = tiny
     layer = 1
-    units = [u for u in profile.units if u.layer == layer]
-    for obj in profile.objectives:
-        probe_total = sum(u.errors[f"int3g{default_group_size(u.in_features)}"][obj] for u in units)
-        shrunk = shrink(profile.layer_deltas[obj], profile.layer_se[obj])[layer]
-        assert probe_total == pytest.approx(shrunk, rel=1e-6, abs=1e-12)
-    down = next(u for u in units if u.name.endswith(".down"))
+    down = next(u for u in profile.units if u.layer == layer and u.name.endswith(".down"))
     linear = quantizable_modules(model)[down.modules[0]]
     gram = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
     probe = probes["math"]
@@ -204,14 +244,15 @@ def test_unit_errors_split_the_layer_delta_by_gram_weighted_rtn_error(tiny, prof
 
     def energy(bits):
         spec = QuantSpec(bits, default_group_size(linear.in_features))
-        delta = (linear.weight - quantize_rtn(linear.weight, spec).dequantize(torch.float32)).double()  # [N, K]
+        weight = linear.weight.detach()
+        delta = (weight - quantize_rtn(weight, spec).dequantize(torch.float32)).double()  # [N, K]
         return float(torch.trace(delta @ gram @ delta.T))
 
     errors = down.errors
-    if shrink(profile.layer_deltas["math"], profile.layer_se["math"])[layer] > 0:
-        ratio = errors["int4g128"]["math"] / errors["int3g128"]["math"]
-        assert ratio == pytest.approx(energy(4) / energy(3), rel=1e-4)
-        assert errors["int8g128"]["math"] < errors["int4g128"]["math"] < errors["int3g128"]["math"]
+    assert shrink(profile.layer_deltas["math"], profile.layer_se["math"])[layer] > 0
+    ratio = errors["int4g128"]["math"] / errors["int3g128"]["math"]
+    assert ratio == pytest.approx(energy(4) / energy(3), rel=1e-4)
+    assert errors["int8g128"]["math"] < errors["int4g128"]["math"] < errors["int3g128"]["math"]
 
 
 def test_resume_after_interruption_is_byte_identical(tiny, profile, tmp_path):
