@@ -8,10 +8,15 @@ units by their block-output error, extrapolated to other widths by tr(dW H dW^T)
 is measured with the same probe rows, the same cached block inputs and the same tail forwards as the profile
 (paired per-row deltas with standard errors). Reported per objective: Spearman's rho between proxy and
 measured cost over all sampled (unit, width) pairs and within each width, and the median ratio proxy/measured
-over pairs measured at least 2 SE from zero.
+over pairs measured at least 2 SE from zero, overall and per unit kind (qkv, o, gate_up, down), with the spread
+max/min of the per-kind medians (1 = every kind priced on one scale).
+
+The measured side depends only on the model, probe rows and blocks, not on the proxy: --reuse-measured
+REPORT.json takes it from an earlier report of the same settings (checked, probe digests included) and judges
+the current profile's proxy against it (the profile is re-measured; the single-unit tail forwards are not).
 
 Usage: python benchmarks/unit_costs.py [--model smollm2-135m] [--objectives ppl,kl:math] [--probe-samples 16]
-       [--blocks 0,6,12,18,24,29]
+       [--blocks 0,6,12,18,24,29] [--reuse-measured benchmarks/results/unit_costs/<model>/unit_costs.json]
 """
 
 from __future__ import annotations
@@ -71,6 +76,30 @@ def measure_units(model, profile, probes: dict, blocks: list[int]) -> list[dict]
     return rows
 
 
+def _kind(unit: str) -> str:
+    return unit.rsplit(".", 1)[1]
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def reused_measurements(path: Path, settings: dict, probe_data: dict, profile) -> list[dict]:
+    """The measured pairs of an earlier report with the same settings and probe rows, priced by `profile`."""
+    from tasa_deploy.schema import read_json
+
+    old = read_json(path, "unit-cost report")
+    for key, value in settings.items():
+        if old.get(key) != value:
+            raise UsageError(f"{path} was measured with {key} = {old.get(key)!r}, not {value!r}")
+    old_profile = path.parent / "profile.json"
+    old_digests = {k: v["sha256"] for k, v in read_json(old_profile, "profile")["settings"]["probe_data"].items()}
+    if old_digests != {k: v["sha256"] for k, v in probe_data.items()}:
+        raise UsageError(f"{path} was measured on other probe rows than {old_profile} now describes")
+    proxy = {u.name: u for u in profile.units}
+    return [{**row, "proxy": proxy[row["unit"]].errors[row["candidate"]][row["objective"]]} for row in old["pairs"]]
+
+
 def summarize(rows: list[dict], objectives: tuple[str, ...]) -> list[dict]:
     from tasa_deploy.quant.spec import QuantSpec
     from tasa_deploy.stats import spearman_rho
@@ -83,12 +112,16 @@ def summarize(rows: list[dict], objectives: tuple[str, ...]) -> list[dict]:
                                           [r["measured"] for r in mine if bits[r["candidate"]] == b])
                   for b in sorted(set(bits.values()))}
         clear = [r for r in mine if r["measured"] > 2 * r["measured_se"] and r["proxy"] > 0]
-        ratios = sorted(r["proxy"] / r["measured"] for r in clear)
+        kinds = {k: _median([r["proxy"] / r["measured"] for r in clear if _kind(r["unit"]) == k])
+                 for k in dict.fromkeys(_kind(r["unit"]) for r in mine)}
+        medians = [v for v in kinds.values() if v is not None]
         out.append({"objective": obj, "pairs": len(mine),
                     "spearman_all": spearman_rho([r["proxy"] for r in mine], [r["measured"] for r in mine]),
                     **{f"spearman_{w}": v for w, v in within.items()},
                     "pairs_measured_2se": len(clear),
-                    "median_ratio_proxy_measured": ratios[len(ratios) // 2] if ratios else None})
+                    "median_ratio_proxy_measured": _median([r["proxy"] / r["measured"] for r in clear]),
+                    **{f"ratio_{k}": v for k, v in kinds.items()},
+                    "kind_ratio_spread": max(medians) / min(medians) if medians and min(medians) > 0 else None})
     return out
 
 
@@ -107,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tasa_deploy.model import decoder_blocks, load_model
     from tasa_deploy.objectives import load_probe_set
     from tasa_deploy.profile import measure_profile
+    from tasa_deploy.schema import read_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -115,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--blocks", default="0,6,12,18,24,29")
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--reuse-measured", type=Path, default=None, metavar="REPORT.json")
     args = parser.parse_args(argv)
     objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     loaded = load_model(args.model)
@@ -127,12 +162,19 @@ def main(argv: list[str] | None = None) -> dict:
                               seq_len=args.seq_len, probes=probes)
     out_dir = args.out_dir or RESULTS / Path(args.model).name
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile.save(out_dir / "profile.json", force=True)  # the profile whose proxy is judged (with its SEs)
+    settings = {"model": args.model, "objectives": list(objectives), "probe_samples": args.probe_samples,
+                "seq_len": args.seq_len, "blocks": blocks}
     start = time.perf_counter()
-    rows = measure_units(loaded.model, profile, probes, blocks)
-    report = {"schema": "tasa-bench-unit-costs/1", "model": args.model, "date": datetime.date.today().isoformat(),
-              "machine": machine(), "objectives": list(objectives), "probe_samples": args.probe_samples,
-              "seq_len": args.seq_len, "blocks": blocks, "seconds": round(time.perf_counter() - start, 1),
+    if args.reuse_measured:
+        rows = reused_measurements(args.reuse_measured, settings, profile.settings["probe_data"], profile)
+        seconds = read_json(args.reuse_measured, "unit-cost report")["seconds"]
+    else:
+        rows = measure_units(loaded.model, profile, probes, blocks)
+        seconds = round(time.perf_counter() - start, 1)
+    profile.save(out_dir / "profile.json", force=True)  # the profile whose proxy is judged (with its SEs)
+    report = {"schema": "tasa-bench-unit-costs/1", **settings, "date": datetime.date.today().isoformat(),
+              "machine": machine(), "seconds": seconds, "unit_error_proxy": profile.settings["unit_error_proxy"],
+              "measured_reused_from": str(args.reuse_measured) if args.reuse_measured else None,
               "summary": summarize(rows, objectives), "pairs": rows}
     write_reports(report, out_dir)
     return report
