@@ -191,6 +191,11 @@ def write_reports(report: dict, out_dir: Path) -> None:
     lines += ["| " + " | ".join(cell(row, c) for c in shown) + " |" for row in report["rows"]]
     caption = (f"{report['model']}, {report['date']}, {report['machine']['cpus']} CPUs. Accuracy ± its standard "
                "error (binomial), n items; a difference inside two standard errors is a tie. " + __doc__.split("\n\n")[1])
+    splits: dict[str, list[str]] = {}
+    for row in report["rows"]:
+        if row.get("unit_error_proxy"):
+            splits.setdefault(row["unit_error_proxy"], []).append(row["name"])
+    caption += "".join(f"\n\nUnit costs of {', '.join(names)}: {proxy}." for proxy, names in splits.items())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "quality_qwen.json", report, foreign_ok=True)
     with atomic_path(out_dir / "quality_qwen.md", force=True, foreign_ok=True) as tmp:

@@ -102,6 +102,15 @@ def our_row_request(name: str, model: str, quant: QuantSettings, root: Path):
     return quantize_request(name, model, quant, root, bits=3.5, work_dir=alpha_work, alpha=ALPHA_ABLATIONS[name])
 
 
+def unit_split(work_dir: Path | None) -> str | None:
+    """How the profile a TASA row planned on priced its units (`units.UNIT_ERROR_PROXY` when it was measured):
+    recorded in the row, since a cached row outlives a change of method."""
+    profile = work_dir / "profile.json" if work_dir is not None else None
+    if profile is None or not profile.is_file():
+        return None
+    return read_json(profile, "profile")["settings"].get("unit_error_proxy")
+
+
 def build_our_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:
     from tasa_deploy.quantized_dir import load_artifact
     from tasa_deploy.bits import plan_average_bits
@@ -113,7 +122,8 @@ def build_our_row(name: str, model: str, quant: QuantSettings, root: Path) -> tu
     shapes = {module: qt.shape for module, qt in artifact.modules.items()}
     return request.out, {"bpw": plan_average_bits(artifact.plan, shapes), "stage_seconds": stage_seconds,
                          "build_seconds": round(time.perf_counter() - start, 1),
-                         "alpha": artifact.plan.info.get("alpha"), "budget_bits": artifact.plan.budget_bits}
+                         "alpha": artifact.plan.info.get("alpha"), "budget_bits": artifact.plan.budget_bits,
+                         "unit_error_proxy": unit_split(request.work_dir)}
 
 
 def calibration_mixture_tokens(model: str, quant: QuantSettings, root: Path):
@@ -193,7 +203,8 @@ def build_tasa_gguf_row(name: str, model: str, quant: QuantSettings, root: Path)
     if not out.is_file():
         export_gguf(request.out, out)
     return out, {"bpw": linear_bits_per_weight(out), "budget_bits": budget, "stage_seconds": stage_seconds,
-                 "build_seconds": round(time.perf_counter() - start, 1), "file_bytes": out.stat().st_size}
+                 "build_seconds": round(time.perf_counter() - start, 1), "file_bytes": out.stat().st_size,
+                 "unit_error_proxy": unit_split(work)}
 
 
 # ------------------------------------------------------------------------------------------------ one row
