@@ -45,6 +45,7 @@ from plot_quality import format_cell  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
 from tasa_deploy.outputs import atomic_path, write_json_atomic  # noqa: E402
 from tasa_deploy.schema import read_json  # noqa: E402
+from tasa_deploy.units import UNIT_ERROR_PROXY  # noqa: E402
 
 ROWS = ("fp", "uniform3-gptq", "uniform4-gptq", "tasa-3.5", "tasa-3.5-taskonly", "llamacpp-q3_k_m",
         "llamacpp-q3_k_m-imatrix", "llamacpp-q4_k_m", "tasa-gguf-q3_k_m-size", "tasa-gguf-q3_k_m-size-nonnative",
@@ -144,6 +145,9 @@ def run_row(name: str, model: str, quant, settings: CodeEvalSettings, root: Path
             target = None if name == "fp" else quality.build_row(name, model, quant, root)[0]
             row |= kl_columns(target, model, root, text_file, settings)
             write_json_atomic(cache, row, foreign_ok=True)
+        if row.get("unit_error_proxy") not in (None, UNIT_ERROR_PROXY):
+            print(f"[{name}] cached row planned on another unit-cost method than this code's; delete {cache} "
+                  f"and its artifacts to rebuild it", file=sys.stderr)
         return row
     start = time.perf_counter()
     target, info = quality.build_row(name, model, quant, root)
