@@ -105,10 +105,9 @@ def our_row_request(name: str, model: str, quant: QuantSettings, root: Path):
 def unit_split(work_dir: Path | None) -> str | None:
     """How the profile a TASA row planned on priced its units (`units.UNIT_ERROR_PROXY` when it was measured):
     recorded in the row, since a cached row outlives a change of method."""
-    profile = work_dir / "profile.json" if work_dir is not None else None
-    if profile is None or not profile.is_file():
+    if work_dir is None or not (work_dir / "profile.json").is_file():
         return None
-    return read_json(profile, "profile")["settings"].get("unit_error_proxy")
+    return read_json(work_dir / "profile.json", "profile")["settings"].get("unit_error_proxy")
 
 
 def build_our_row(name: str, model: str, quant: QuantSettings, root: Path) -> tuple[Path, dict]:

@@ -84,8 +84,9 @@ def _median(values: list[float]) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
 
 
-def reused_measurements(path: Path, settings: dict, probe_data: dict, profile) -> list[dict]:
-    """The measured pairs of an earlier report with the same settings and probe rows, priced by `profile`."""
+def reused_measurements(path: Path, settings: dict, probe_data: dict, profile) -> tuple[list[dict], float]:
+    """The measured pairs of an earlier report with the same settings and probe rows, priced by `profile`, and
+    the seconds that measurement took."""
     from tasa_deploy.schema import read_json
 
     old = read_json(path, "unit-cost report")
@@ -97,7 +98,8 @@ def reused_measurements(path: Path, settings: dict, probe_data: dict, profile) -
     if old_digests != {k: v["sha256"] for k, v in probe_data.items()}:
         raise UsageError(f"{path} was measured on other probe rows than {old_profile} now describes")
     proxy = {u.name: u for u in profile.units}
-    return [{**row, "proxy": proxy[row["unit"]].errors[row["candidate"]][row["objective"]]} for row in old["pairs"]]
+    rows = [{**row, "proxy": proxy[row["unit"]].errors[row["candidate"]][row["objective"]]} for row in old["pairs"]]
+    return rows, old["seconds"]
 
 
 def summarize(rows: list[dict], objectives: tuple[str, ...]) -> list[dict]:
@@ -140,7 +142,6 @@ def main(argv: list[str] | None = None) -> dict:
     from tasa_deploy.model import decoder_blocks, load_model
     from tasa_deploy.objectives import load_probe_set
     from tasa_deploy.profile import measure_profile
-    from tasa_deploy.schema import read_json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -166,8 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "seq_len": args.seq_len, "blocks": blocks}
     start = time.perf_counter()
     if args.reuse_measured:
-        rows = reused_measurements(args.reuse_measured, settings, profile.settings["probe_data"], profile)
-        seconds = read_json(args.reuse_measured, "unit-cost report")["seconds"]
+        rows, seconds = reused_measurements(args.reuse_measured, settings, profile.settings["probe_data"], profile)
     else:
         rows = measure_units(loaded.model, profile, probes, blocks)
         seconds = round(time.perf_counter() - start, 1)

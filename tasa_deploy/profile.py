@@ -289,8 +289,8 @@ def measure_layer(model: nn.Module, layer: int, state: dict, probes: dict[str, P
     losses = quantized_block_losses(model, layer, settings["probe_bits"], hidden, batches, probes, references)
     outputs, grams = advance_block(block, hidden, batches, probes)
     layout = block_units(model, layer, settings)
-    output_errors = unit_output_errors(block, layout, settings["probe_bits"], hidden, outputs, batches, probes)
-    with onloaded(block, hidden[0].hidden_states.device):
+    with onloaded(block, hidden[0].hidden_states.device):  # one transfer for both steps (inner onloads are no-ops)
+        output_errors = unit_output_errors(block, layout, settings["probe_bits"], hidden, outputs, batches, probes)
         units = layer_unit_shares(block, layout, settings["probe_bits"], grams, output_errors)
     return layer_record(layer, state["baseline_rows"], losses, units), outputs
 

@@ -44,8 +44,9 @@ def test_reuse_refuses_other_settings_and_other_probe_rows(tmp_path):
     (tmp_path / "profile.json").write_text(json.dumps({"settings": {"probe_data": {"kl:ppl": {"sha256": "aa"}}}}))
     unit = SimpleNamespace(name="model.layers.0.o", errors={"int3g64": {"kl:ppl": 0.4}})
     profile = SimpleNamespace(units=[unit])
-    rows = unit_costs.reused_measurements(tmp_path / "unit_costs.json", settings, {"kl:ppl": {"sha256": "aa"}}, profile)
-    assert rows == [{**pairs[0], "proxy": 0.4}]
+    rows, seconds = unit_costs.reused_measurements(tmp_path / "unit_costs.json", settings,
+                                                   {"kl:ppl": {"sha256": "aa"}}, profile)
+    assert rows == [{**pairs[0], "proxy": 0.4}] and seconds == 9.0
     with pytest.raises(UsageError, match="blocks"):
         unit_costs.reused_measurements(tmp_path / "unit_costs.json", {**settings, "blocks": [1]},
                                        {"kl:ppl": {"sha256": "aa"}}, profile)
