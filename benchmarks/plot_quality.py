@@ -63,15 +63,24 @@ def caption(report: dict) -> str:
         "lm-eval's acc_norm is in the JSON as <task>_acc_norm. gsm8k = 4-shot greedy exact match on "
         f"{ev['gsm8k_items'] or 'all'} problems; gsm8k_ll = mean per-token log-likelihood of the reference "
         f"solution over {ev['gsm8k_ll_items'] or 'all'} problems, higher is better — both from our PyTorch "
-        "evaluator, for GGUF rows on the GGUF's own dequantized weights (this llama.cpp build has no completion "
-        "API for scoring generations: no llama-server, no llama-cpp-python). "
+        "evaluator, for GGUF rows on the GGUF's own dequantized weights (quality_qwen.py scores generations "
+        "through llama-server instead). "
         "task_score = mean of gsm8k, arc_easy, arc_challenge, hellaswag, piqa. ± is one binomial standard error, "
         "sqrt(p(1-p)/n) over the n items (0 when p is 0 or 1: read those as \"no item right/wrong of n\"); task_score's "
         "is sqrt(sum of the five squared SEs) / 5. Differences under about 2 SE are ties. *_kld: mean KL "
         "divergence from the unquantized model ± its SE (benchmarks/kl_cells.py): wikitext under llama.cpp's "
         "protocol (GGUF rows by llama-perplexity --kl-divergence against the base's F16 GGUF), gsm8k / arc_* on "
         "the answer or choice tokens of the eval rows (GGUF rows on their dequantized weights); n/a in rows "
-        "evaluated before the KL columns existed.")
+        "evaluated before the KL columns existed. TASA rows' profile objectives: "
+        f"{report['settings']['quant'].get('objective_loss', 'nll')} (kl = KL from the unquantized model on each "
+        "objective's scored tokens; nll = their negative log-likelihood); unit costs: "
+        f"{unit_methods(report)}.")
+
+
+def unit_methods(report: dict) -> str:
+    """How the TASA rows split each block's measured delta over its units (recorded per row)."""
+    methods = sorted({row["unit_error_proxy"] for row in report["rows"] if row.get("unit_error_proxy")})
+    return "; ".join(methods) or "not recorded"
 
 
 def format_cell(value) -> str:

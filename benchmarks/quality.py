@@ -18,8 +18,10 @@ reference solution, higher is better), arc_easy / arc_challenge / hellaswag / pi
 multiple-choice rule: mean log-prob per token of each choice past the choices' common prefix; our rows by
 the PyTorch replica `acc_tokavg`, GGUF rows by the real `llama-perplexity --multiple-choice`; lm-eval's
 acc_norm is kept as `<task>_acc_norm`), task_score = mean of the five task accuracies. GGUF rows' GSM8K
-cells come from our evaluator on the GGUF's own dequantized weights (transformers' GGUF reader): this
-llama.cpp build has no logits/completion API (no llama-server, no llama-cpp-python) for generation scoring.
+cells come from our evaluator on the GGUF's own dequantized weights (transformers' GGUF reader); quality_qwen.py
+scores its generations through llama-server instead. KL columns (`*_kld`, benchmarks/kl_cells.py): mean KL from
+the unquantized model on WikiText-2 and on the protected tasks' answer / choice tokens. TASA rows profile with
+KL objectives (QuantSettings.objective_loss) and are cached under "-kl" names.
 
 Usage: python benchmarks/quality.py --model smollm2-135m [--full] [--rows a,b] [--limit N] [--tiny-quant]
 The default eval settings (QUICK_EVAL: 8 windows, 50 items per task, 10 GSM8K generations) are the ones the
