@@ -25,7 +25,8 @@ KL objectives (QuantSettings.objective_loss) and are cached under "-kl" names.
 
 Usage: python benchmarks/quality.py --model smollm2-135m [--full] [--rows a,b] [--limit N] [--tiny-quant]
 The default eval settings (QUICK_EVAL: 8 windows, 50 items per task, 10 GSM8K generations) are the ones the
-committed table uses: ~2.5 h for all rows from scratch on 2 CPU cores. --full (FULL_EVAL) takes ~8 h there.
+committed table uses: its 13 rows took 3,383 s (56 min) from scratch on 2 CPU cores, one row at a time, plus
+the llama.cpp build. --full (FULL_EVAL) takes ~8 h there.
 """
 
 from __future__ import annotations
