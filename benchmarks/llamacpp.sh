@@ -31,10 +31,10 @@ amx_flags() {
   echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 }
 FLAGS=$(amx_flags)
-STAMP="$ROOT/build/tasa-extra-cflags"  # the extra flags of the cached build (none recorded = none used)
-if have_all && [[ "$(cat "$STAMP" 2>/dev/null)" == "$FLAGS" ]]; then echo "$BIN"; exit 0; fi
-[[ -n "$FLAGS" ]] && echo "building llama.cpp without ggml's AMX kernels ($FLAGS; LLAMACPP_AMX=1 keeps them)" >&2
-rm -rf "$ROOT/build"
+CACHED="$ROOT/build/CMakeCache.txt"  # a build made with other flags is started again (an interrupted one resumes)
+if [[ -f "$CACHED" ]] && ! grep -qxF "CMAKE_C_FLAGS:STRING=$FLAGS" "$CACHED"; then rm -rf "$ROOT/build"; fi
+if have_all; then echo "$BIN"; exit 0; fi
+if [[ -n "$FLAGS" ]]; then echo "building llama.cpp without ggml's AMX kernels ($FLAGS; LLAMACPP_AMX=1 keeps them)" >&2; fi
 mkdir -p "$ROOT"
 if [[ ! -d "$ROOT/src/llama.cpp" ]]; then
   tmp=$(mktemp -d "$ROOT/dl.XXXX")
@@ -51,5 +51,4 @@ cmake -S "$ROOT/src/llama.cpp" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DLLA
   -DCMAKE_C_FLAGS="$FLAGS" -DCMAKE_CXX_FLAGS="$FLAGS" >&2
 cmake --build "$ROOT/build" -j "$(nproc)" --target "${TOOLS[@]}" >&2
 have_all || { echo "llama.cpp build finished but tools are missing in $BIN" >&2; exit 1; }
-printf '%s' "$FLAGS" > "$STAMP"
 echo "$BIN"
