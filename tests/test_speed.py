@@ -39,11 +39,13 @@ def test_speed_aware_gguf_plan_is_held_under_the_reference(tiny_model_dir, tmp_p
         pytest.skip("llama.cpp tools not built (bash benchmarks/llamacpp.sh)")
     args = ["quantize", "--model", str(tiny_model_dir), "--target", "gguf", "--bits", "5.0", "--calib-samples", "2",
             "--seq-len", "32", "--probe-samples", "2", "--mix-samples", "2"]
-    result = CliRunner().invoke(app, [*args, "--max-slowdown", "1.0", "--out", str(tmp_path / "fast")])
+    # 1.05, not 1.0: this tiny model decodes at ~3,400 tok/s, where q8_0 can be the fastest type and Q4_K_M within
+    # 1% of it (an AVX-512 VM), so no 5-bit plan can match the preset exactly and the plan says met = False.
+    result = CliRunner().invoke(app, [*args, "--max-slowdown", "1.05", "--out", str(tmp_path / "fast")])
     assert result.exit_code == 0, result.output
     speed = BitPlan.load(tmp_path / "fast" / "tasa_plan.json").info["speed"]
-    assert speed["reference"] == "q4_k_m" and speed["max_slowdown"] == 1.0
-    assert speed["predicted_delta_s"] <= speed["max_delta_s"] + 1e-12
+    assert speed["reference"] == "q4_k_m" and speed["max_slowdown"] == 1.05
+    assert speed["predicted_delta_s"] <= speed["max_delta_s"] + 1e-12 and speed["met"]
     assert speed["reference_tok_s"] > 0 and ANCHOR in speed["type_tok_s"]
     blind = CliRunner().invoke(app, [*args, "--max-slowdown", "0", "--out", str(tmp_path / "blind"),
                                      "--work-dir", str(tmp_path / "fast.work")])
