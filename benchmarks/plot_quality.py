@@ -73,14 +73,17 @@ def caption(report: dict) -> str:
         "the answer or choice tokens of the eval rows (GGUF rows on their dequantized weights); n/a in rows "
         "evaluated before the KL columns existed. TASA rows' profile objectives: "
         f"{report['settings']['quant'].get('objective_loss', 'nll')} (kl = KL from the unquantized model on each "
-        "objective's scored tokens; nll = their negative log-likelihood); unit costs: "
-        f"{unit_methods(report)}.")
+        "objective's scored tokens; nll = their negative log-likelihood)."
+        + "".join(f" Unit costs of {', '.join(names)}: {proxy}." for proxy, names in unit_splits(report).items()))
 
 
-def unit_methods(report: dict) -> str:
-    """How the TASA rows split each block's measured delta over its units (recorded per row)."""
-    methods = sorted({row["unit_error_proxy"] for row in report["rows"] if row.get("unit_error_proxy")})
-    return "; ".join(methods) or "not recorded"
+def unit_splits(report: dict) -> dict[str, list[str]]:
+    """How the TASA rows split each block's measured delta over its units (recorded per row) -> the rows of each."""
+    splits: dict[str, list[str]] = {}
+    for row in report["rows"]:
+        if row.get("unit_error_proxy"):
+            splits.setdefault(row["unit_error_proxy"], []).append(row["name"])
+    return splits
 
 
 def format_cell(value) -> str:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402
 from bench_common import machine, run_main  # noqa: E402
 from kl_cells import kl_cells  # noqa: E402
-from plot_quality import format_cell  # noqa: E402
+from plot_quality import format_cell, unit_splits  # noqa: E402
 from tasa_deploy import UsageError  # noqa: E402
 from tasa_deploy.outputs import atomic_path, write_json_atomic  # noqa: E402
 from tasa_deploy.schema import read_json  # noqa: E402
@@ -195,11 +195,8 @@ def write_reports(report: dict, out_dir: Path) -> None:
     lines += ["| " + " | ".join(cell(row, c) for c in shown) + " |" for row in report["rows"]]
     caption = (f"{report['model']}, {report['date']}, {report['machine']['cpus']} CPUs. Accuracy ± its standard "
                "error (binomial), n items; a difference inside two standard errors is a tie. " + __doc__.split("\n\n")[1])
-    splits: dict[str, list[str]] = {}
-    for row in report["rows"]:
-        if row.get("unit_error_proxy"):
-            splits.setdefault(row["unit_error_proxy"], []).append(row["name"])
-    caption += "".join(f"\n\nUnit costs of {', '.join(names)}: {proxy}." for proxy, names in splits.items())
+    caption += "".join(f"\n\nUnit costs of {', '.join(names)}: {proxy}."
+                       for proxy, names in unit_splits(report).items())
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "quality_qwen.json", report, foreign_ok=True)
     with atomic_path(out_dir / "quality_qwen.md", force=True, foreign_ok=True) as tmp:
